@@ -1,0 +1,43 @@
+"""Packaging for megareweight: the library + CLI (`megareweight`) and the Triton kernels (`kernels`).
+
+torch is pinned to one exact version: any looser spec makes pip pull the newest CUDA build
+(several GB) on machines where only the CPU wheel is wanted. Install torch first (the Makefile
+does) so that nothing here upgrades it.
+"""
+import sys
+
+from setuptools import find_packages, setup
+
+LINUX = sys.platform.startswith("linux")
+
+install_requires = [
+    "torch==2.13.0",
+    "numpy>=1.26,<3",
+    "sentencepiece>=0.2,<0.3",
+    "pyyaml>=6,<7",
+    "tqdm>=4.66,<5",
+    "wandb>=0.19,<0.40",
+    "matplotlib>=3.8,<4",
+    "scipy>=1.11,<2",
+    "deepspeed>=0.16,<0.20",
+]
+if LINUX:
+    install_requires.append("triton>=3.3,<3.10")
+
+setup(
+    name="megareweight",
+    version="0.1.0",
+    description="LLM pretraining with dynamic loss-based sample reweighting and scale-aware domain mixing",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megareweight", "megareweight.*", "kernels", "kernels.*"]),
+    package_data={"megareweight": ["configs/*.yaml"]},
+    install_requires=install_requires,
+    extras_require={
+        "dev": ["pytest>=8,<9", "hypothesis>=6.100,<7", "pytest-timeout>=2.3,<3"],
+        "bench": ["liger-kernel>=0.5,<0.9"],
+        "hf": ["transformers>=4.44,<6", "safetensors>=0.4,<1"],
+    },
+    entry_points={"console_scripts": ["megareweight=megareweight.cli:main"]},
+)
