@@ -1,0 +1,292 @@
+"""Typed experiment configuration: YAML file + ``--set section.key=value`` overrides.
+
+Every field is declared in a dataclass with its type; loading checks types, choices and ranges
+and raises :class:`ConfigError` with a one-line message naming the key (``optim.lr``) and, for
+choices, the allowed values. Unknown keys are errors too: a typo must never be silently ignored.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from megareweight.reweighting.strategies import STRATEGIES
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; ``str()`` is a one-line message naming the key."""
+
+
+ModelSize = Literal["tiny", "small", "125m", "1.4b", "7b"]
+LossImpl = Literal["auto", "fused", "chunked", "reference"]
+WandbMode = Literal["offline", "online", "disabled"]
+WarmupMode = Literal["uniform", "temperature"]
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+@dataclass
+class ModelConfig:
+    size: ModelSize = "small"
+    tie_embeddings: Optional[bool] = None  # None: the named size's default
+    activation_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    prepared: str = ""  # directory written by `megareweight prepare`
+    mixture: Union[str, dict[str, float]] = "natural"  # "natural" | "uniform" | {domain: weight}
+    train_domains: Optional[list[str]] = None  # None: every domain in the mixture/manifest
+    eval_domains: Optional[list[str]] = None  # None: every domain in the manifest (held-out ones too)
+    seq_len: int = 128
+    micro_batch_size: int = 16
+    eval_sequences: int = 64  # validation windows per domain
+
+
+@dataclass
+class ReweightConfig:
+    strategy: str = "uniform"
+    r: float = 1.0
+    delta: float = 1.0
+    warmup_steps: int = 0
+    warmup_mode: WarmupMode = "uniform"
+    warmup_r: float = 100.0
+
+
+@dataclass
+class LossConfig:
+    impl: LossImpl = "auto"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    max_steps: int = 200
+    gradient_accumulation_steps: int = 1
+    precision: Precision = "fp32"
+    eval_interval: int = 50
+    log_interval: int = 1
+    checkpoint_interval: int = 0  # 0: only at the end
+    max_nonfinite_steps: int = 5  # consecutive all-non-finite steps before the run stops
+
+
+@dataclass
+class WandbConfig:
+    mode: WandbMode = "offline"
+    project: str = "megareweight"
+    name: Optional[str] = None
+    entity: Optional[str] = None
+    dir: Optional[str] = None  # default: the run's output directory
+
+
+@dataclass
+class ExperimentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    reweight: ReweightConfig = field(default_factory=ReweightConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --- generic typed loading ----------------------------------------------------------------------
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, dict):
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in typing.get_args(tp))}]"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (ints are accepted for floats)."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not allowed; allowed values: {', '.join(map(str, allowed))}")
+        return value
+    if origin is Union:
+        errors = []
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        kt, vt = typing.get_args(tp)
+        return {_coerce(k, kt, key): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"{key}: expected null, got {value!r}")
+        return None
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {type(value).__name__} {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} for {key}")
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(raw).__name__} {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in raw if k not in names]
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown key {where}{unknown[0]}; allowed keys{' in ' + prefix if prefix else ''}: {', '.join(names)}")
+    kwargs = {}
+    for name in names:
+        if name not in raw:
+            continue
+        key = f"{prefix}.{name}" if prefix else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, raw[name], key)
+        else:
+            kwargs[name] = _coerce(raw[name], tp, key)
+    return cls(**kwargs)
+
+
+def _require(cond: bool, key: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {message}")
+
+
+def validate(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Range and cross-field checks that types alone cannot express."""
+    d, o, t, rw = cfg.data, cfg.optim, cfg.train, cfg.reweight
+    _require(d.seq_len >= 1, "data.seq_len", f"must be >= 1, got {d.seq_len}")
+    _require(d.micro_batch_size >= 1, "data.micro_batch_size", f"must be >= 1, got {d.micro_batch_size}")
+    _require(d.eval_sequences >= 1, "data.eval_sequences", f"must be >= 1, got {d.eval_sequences}")
+    if isinstance(d.mixture, str):
+        _require(d.mixture in ("natural", "uniform"), "data.mixture",
+                 f"{d.mixture!r} is not allowed; allowed values: natural, uniform, or a mapping domain: weight")
+    else:
+        _require(len(d.mixture) > 0, "data.mixture", "an empty mapping; give domain: weight pairs")
+        for dom, w in d.mixture.items():
+            _require(w >= 0, f"data.mixture.{dom}", f"weight must be >= 0, got {w}")
+        total = sum(d.mixture.values())
+        _require(abs(total - 1.0) < 1e-6, "data.mixture", f"weights must sum to 1, they sum to {total:.6g}")
+    _require(rw.strategy in STRATEGIES, "reweight.strategy",
+             f"{rw.strategy!r} is not allowed; allowed values: {', '.join(STRATEGIES)}")
+    for key, value in (("r", rw.r), ("delta", rw.delta), ("warmup_r", rw.warmup_r)):
+        _require(value > 0, f"reweight.{key}", f"must be > 0, got {value}")
+    _require(rw.warmup_steps >= 0, "reweight.warmup_steps", f"must be >= 0, got {rw.warmup_steps}")
+    _require(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
+    _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
+    _require(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+    _require(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    _require(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1/beta2", "must be in [0, 1)")
+    _require(o.eps > 0, "optim.eps", f"must be > 0, got {o.eps}")
+    _require(o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 disables), got {o.grad_clip}")
+    _require(t.max_steps >= 1, "train.max_steps", f"must be >= 1, got {t.max_steps}")
+    _require(t.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps", "must be >= 1")
+    _require(t.eval_interval >= 0, "train.eval_interval", f"must be >= 0 (0 disables), got {t.eval_interval}")
+    _require(t.log_interval >= 1, "train.log_interval", f"must be >= 1, got {t.log_interval}")
+    _require(t.checkpoint_interval >= 0, "train.checkpoint_interval", f"must be >= 0, got {t.checkpoint_interval}")
+    _require(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
+    _require(t.seed >= 0, "train.seed", f"must be >= 0, got {t.seed}")
+    return cfg
+
+
+def config_from_dict(raw: dict[str, Any] | None) -> ExperimentConfig:
+    return validate(_build(ExperimentConfig, raw or {}, ""))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``section.key=value`` -> (path, YAML-parsed value)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected section.key=value")
+    path, value = text.split("=", 1)
+    parts = path.strip().split(".")
+    if len(parts) < 2 or not all(parts):
+        raise ConfigError(f"override {text!r}: the key must be section.key (e.g. optim.lr=1e-3)")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    return parts, parsed
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = raw
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {part} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a YAML file (or start from defaults), apply overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}{where}: not valid YAML") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    raw = apply_overrides(raw, overrides or [])
+    return config_from_dict(raw)
+
+
+def dump_config(cfg: ExperimentConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
