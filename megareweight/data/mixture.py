@@ -170,9 +170,12 @@ def validation_batches(
 ) -> Iterator[torch.Tensor]:
     """The first ``max_sequences`` windows of a validation shard, split across ranks round-robin.
 
-    Always the same windows, so validation curves are comparable across steps and runs.
+    Always the same windows, so validation curves are comparable across steps and runs. The count
+    is rounded down to a multiple of ``world_size`` so every rank runs the same number of batches
+    of the same sizes (the loss path's collectives must match across ranks).
     """
     total = min(max((shard.num_tokens - 1) // seq_len, 0), max_sequences)
+    total -= total % world_size
     mine = list(range(rank, total, world_size))
     for i in range(0, len(mine), batch_size):
         chunk = mine[i : i + batch_size]

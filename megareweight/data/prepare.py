@@ -1,7 +1,9 @@
 """``megareweight prepare``: corpus directory -> tokenizer + per-domain train/valid token shards.
 
-The validation split is chosen per *document* from a hash of its text, so it is stable when the
-corpus grows and no document is split between train and valid.
+The validation split is chosen per *document*: documents are ordered by a hash of their text and
+taken in that order until they hold ``valid_fraction`` of the domain's bytes (at least one
+document, and never all of them). No document is split between train and valid, the choice does
+not depend on file order, and domains made of a few long documents (books) still get a split.
 """
 from __future__ import annotations
 
@@ -21,9 +23,24 @@ from megareweight.data.tokenizer import Tokenizer, balanced_sample, train_tokeni
 ENCODE_BATCH = 512
 
 
-def _is_validation(text: str, fraction: float) -> bool:
-    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 2**64 < fraction
+def validation_documents(path: Path, fraction: float) -> set[int]:
+    """Indices (in file order, empty documents skipped) of the documents held out for validation."""
+    keyed = []
+    for index, text in enumerate(t for t in iter_documents(path) if t):
+        data = text.encode("utf-8")
+        keyed.append((hashlib.blake2b(data, digest_size=8).digest(), index, len(data)))
+    if len(keyed) < 2:
+        raise ValueError(f"{path}: {len(keyed)} non-empty document(s); a train/valid split needs at least 2")
+    keyed.sort()
+    target = fraction * sum(size for _, _, size in keyed)
+    chosen: set[int] = set()
+    held = 0
+    for _, index, size in keyed[:-1]:
+        if chosen and held >= target:
+            break
+        chosen.add(index)
+        held += size
+    return chosen
 
 
 def prepare(
@@ -85,10 +102,9 @@ def prepare(
                 bar.update(len(pending[split]))
                 pending[split] = []
 
-        for text in iter_documents(path):
-            if not text:
-                continue
-            split = "valid" if _is_validation(text, valid_fraction) else "train"
+        held_out = validation_documents(path, valid_fraction)
+        for index, text in enumerate(t for t in iter_documents(path) if t):
+            split = "valid" if index in held_out else "train"
             pending[split].append(text)
             if len(pending[split]) >= ENCODE_BATCH:
                 flush(split)
@@ -96,12 +112,6 @@ def prepare(
             flush(split)
         bar.close()
         entry = {split: writers[split].close() for split in writers}
-        if entry["train"]["documents"] == 0 or entry["valid"]["documents"] == 0:
-            raise ValueError(
-                f"domain {domain!r} ({path}) has {entry['train']['documents']} train and "
-                f"{entry['valid']['documents']} valid documents; each split needs at least one "
-                f"(add documents or raise valid_fraction)"
-            )
         manifest["domains"][domain] = entry
         if progress:
             print(f"  {domain:<12} train {entry['train']['tokens']:>10,} tokens  valid {entry['valid']['tokens']:>9,} tokens")

@@ -1,0 +1,42 @@
+"""The model and its reweighted loss as one module.
+
+Computing the loss inside ``forward`` matters for ZeRO-3: parameters are only gathered while a
+module's forward runs, and the lm-head matrix is consumed by the loss (tile by tile), not by an
+``nn.Linear`` call.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from megareweight.model import Transformer
+
+IGNORE_INDEX = -100
+
+
+class ReweightedLM(nn.Module):
+    """``forward(input_ids, labels, strategy, r)`` -> ``(loss, per_sample_loss, weights)``."""
+
+    def __init__(self, model: Transformer, loss_fn: Callable, delta: float = 1.0, group: Optional[dist.ProcessGroup] = None):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+        self.delta = delta
+        self.group = group
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, strategy: str = "uniform", r: float = 1.0):
+        hidden = self.model(input_ids)
+        return self.loss_fn(
+            hidden,
+            self.model.output_weight,
+            labels,
+            strategy=strategy,
+            r=r,
+            delta=self.delta,
+            ignore_index=IGNORE_INDEX,
+            group=self.group,
+        )
+
