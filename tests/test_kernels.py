@@ -160,6 +160,22 @@ def test_get_loss_impl():
     assert kernels.LossOutput._fields == ("loss", "per_sample_loss", "weights")
 
 
+def test_import_without_triton(monkeypatch):
+    """``import kernels`` must not pull triton in (macOS has none); without it auto -> chunked."""
+    import subprocess
+    import sys
+
+    code = "import sys, kernels, kernels.chunked; print('triton' in sys.modules)"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.stdout.strip() == "False"
+    monkeypatch.setattr(kernels, "triton_available", lambda: False)
+    assert kernels.get_loss_impl("auto", "cuda")[0] == "chunked"
+    with pytest.raises(RuntimeError, match="triton"):
+        kernels.get_loss_impl("fused", "cuda")
+
+
 def test_bench_quick(tmp_path):
     from kernels import bench
 
