@@ -66,6 +66,7 @@ def implementations(quick: bool, on_cuda: bool) -> dict[str, Callable | str]:
     """name -> fn(hidden, weight, labels, strategy=, r=) returning the loss, or a skip reason."""
     from kernels.chunked import linear_weighted_ce as chunked_ce
 
+    # "fused_gemm_bwd": our Triton forward with the chunked cuBLAS backward instead of the atomic one.
     impls: dict[str, Callable | str] = {"eager": lambda *a, **k: reference_ce(*a, **k).loss}
     if quick and not on_cuda:
         impls["compile"] = "skipped: --quick on CPU (compilation takes tens of seconds)"
@@ -89,8 +90,9 @@ def implementations(quick: bool, on_cuda: bool) -> dict[str, Callable | str]:
         from kernels.fused_ce import fused_linear_weighted_ce
 
         impls["fused"] = lambda *a, **k: fused_linear_weighted_ce(*a, **k).loss
+        impls["fused_gemm_bwd"] = lambda *a, **k: fused_linear_weighted_ce(*a, backward="gemm", **k).loss
     except Exception as exc:  # noqa: BLE001
-        impls["fused"] = f"skipped: triton unavailable ({exc.__class__.__name__})"
+        impls["fused"] = impls["fused_gemm_bwd"] = f"skipped: triton unavailable ({exc.__class__.__name__})"
     return impls
 
 
@@ -262,7 +264,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     args = parser.parse_args(argv)
     result = run(Path(args.out), args.quick, argv)
     for row in result["results"]:
-        print(f"{row['impl']:8s} N={row['N']:<6d} D={row['D']:<5d} V={row['V']:<7d} {row['mode']:8s} "
+        print(f"{row['impl']:14s} N={row['N']:<6d} D={row['D']:<5d} V={row['V']:<7d} {row['mode']:8s} "
               f"{row['status'][:40]:8s} ms={row.get('ms')} min={row.get('ms_min')} TFLOP/s={row.get('tflops')} peakMiB={row.get('peak_mem_mib')}")
     return result
 

@@ -59,22 +59,47 @@ class _ChunkedLinearWeightedCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_per_sample, _grad_weights):
         h2d, weight, labels, lse, coef_token = ctx.saved_tensors
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        scale = coef_token * grad_loss.float()
-        dh = torch.empty_like(h2d) if need_h else None
-        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        for s, e in _chunks(h2d.shape[0], ctx.chunk):
-            h = h2d[s:e]
-            g = torch.exp((h @ weight.t()).float() - lse[s:e, None])
-            g[torch.arange(e - s, device=g.device), labels[s:e]] -= 1.0
-            g.mul_(scale[s:e, None])
-            if need_h:
-                # Same precision as autograd on the reference: grad cast to the input dtype.
-                dh[s:e] = g.to(h2d.dtype) @ weight
-            if need_w:
+        dh, dw = chunked_backward(h2d, weight, labels, lse, coef_token * grad_loss.float(),
+                                  ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.chunk)
+        return dh, dw, None, None, None, None, None, None, None, None, None
+
+
+def chunked_backward(
+    h2d: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    scale: torch.Tensor,
+    need_h: bool,
+    need_w: bool,
+    chunk: int,
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """dH and dW of ``sum_n scale_n * CE_n`` by recomputing logits one token chunk at a time.
+
+    ``labels`` must hold valid class ids everywhere (ignored tokens carry scale 0); ``lse`` is
+    the forward's per-token log-sum-exp. Three GEMMs per chunk run in the inputs' dtype, so on a
+    GPU they hit the tensor cores; dW is accumulated across chunks in fp32 (on CPU, or for fp32
+    inputs, the dW GEMM itself runs in fp32). Shared with the Triton path's ``backward="gemm"``.
+    """
+    low_precision_gemm = h2d.device.type == "cuda" and h2d.dtype != torch.float32
+    dh = torch.empty_like(h2d) if need_h else None
+    dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+    for s, e in _chunks(h2d.shape[0], chunk):
+        h = h2d[s:e]
+        g = torch.exp((h @ weight.t()).float() - lse[s:e, None])
+        g[torch.arange(e - s, device=g.device), labels[s:e]] -= 1.0
+        g.mul_(scale[s:e, None])
+        gd = g.to(h2d.dtype)
+        if need_h:
+            # Same precision as autograd on the reference: grad cast to the input dtype.
+            dh[s:e] = gd @ weight
+        if need_w:
+            if low_precision_gemm:
+                dw.add_(gd.t() @ h)
+            else:
                 dw.addmm_(g.t(), h.float())
-            del g
-        return dh, (dw.to(weight.dtype) if need_w else None), None, None, None, None, None, None, None, None, None
+        del g, gd
+    return dh, (dw.to(weight.dtype) if need_w else None)
 
 
 def linear_weighted_ce(
@@ -102,7 +127,7 @@ def linear_weighted_ce(
     index, num_samples = sample_index(labels, segment_ids, num_segments)
     chunk = chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // v)
     loss, per_sample, weights = _ChunkedLinearWeightedCE.apply(
-        hidden.reshape(b * t, d), weight, labels.reshape(-1), index, num_samples,
+        hidden.reshape(b * t, d), weight, labels.reshape(-1).long(), index, num_samples,
         strategy, float(r), float(delta), ignore_index, group, int(chunk),
     )
     return LossOutput(loss, per_sample, weights)

@@ -15,6 +15,8 @@ Backward (one program per (token block, vocab tile)): recompute the logit tile, 
 by the forward, then accumulate ``dH += g @ W`` and ``dW += g.T @ H`` slice by slice over D with
 fp32 atomic adds. Why recompute rather than compute the gradient in the forward (as Liger does):
 a token's gradient needs its sample's weight, which depends on every sample of the global batch.
+``backward="gemm"`` swaps this for a chunked cuBLAS recompute (see
+:func:`kernels.chunked.chunked_backward`) without atomics.
 
 Interpreter (``TRITON_INTERPRET=1``, CPU tensors): bf16 ``tl.dot`` is wrong there, so every dot
 gets fp32 operands; block sizes are chosen large to cut Python overhead. On a GPU, fp32 inputs use
@@ -31,6 +33,7 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
+from kernels.chunked import DEFAULT_CHUNK_ELEMENTS, chunked_backward
 from kernels.reference import LossOutput, check_strategy, reweight_from_sums, sample_index
 
 #: Read at import because ``triton.jit`` picks the interpreter when the decorator runs.
@@ -42,6 +45,7 @@ GPU_FWD_BLOCKS = (64, 128, 64)
 GPU_BWD_BLOCKS = (64, 128, 64)
 INTERPRET_BLOCKS = (32, 128, 64)
 GPU_NUM_WARPS = 8
+BACKWARD_MODES = ("atomic", "gemm")
 
 
 @triton.jit
@@ -157,7 +161,7 @@ def _launch_options(h2d: torch.Tensor, blocks: Optional[tuple[int, int, int]], b
 
 class _FusedLinearWeightedCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h2d, weight, labels, index, num_samples, strategy, r, delta, ignore_index, group, blocks):
+    def forward(ctx, h2d, weight, labels, index, num_samples, strategy, r, delta, ignore_index, group, blocks, backward_mode):
         n, d = h2d.shape
         v = weight.shape[0]
         (bn, bv, bd), fp32_dot, extra = _launch_options(h2d, blocks, backward=False)
@@ -174,6 +178,7 @@ class _FusedLinearWeightedCE(torch.autograd.Function):
         coef_token = torch.where(valid, ep.coef[index], torch.zeros_like(lse))
         ctx.save_for_backward(h2d, weight, labels, lse, coef_token)
         ctx.blocks = blocks
+        ctx.backward_mode = backward_mode
         ctx.mark_non_differentiable(ep.per_sample_loss, ep.weights)
         return ep.loss, ep.per_sample_loss, ep.weights
 
@@ -183,8 +188,13 @@ class _FusedLinearWeightedCE(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         n, d = h2d.shape
         v = weight.shape[0]
-        (bn, bv, bd), fp32_dot, extra = _launch_options(h2d, ctx.blocks, backward=True)
         scale = (coef_token * grad_loss.float()).contiguous()
+        if ctx.backward_mode == "gemm":
+            safe_labels = torch.where(scale != 0, labels, torch.zeros_like(labels)).clamp_(0, v - 1)
+            chunk = max(1, DEFAULT_CHUNK_ELEMENTS // v)
+            dh, dw = chunked_backward(h2d, weight, safe_labels, lse, scale, need_h, need_w, chunk)
+            return dh, dw, None, None, None, None, None, None, None, None, None, None
+        (bn, bv, bd), fp32_dot, extra = _launch_options(h2d, ctx.blocks, backward=True)
         dh = torch.zeros((n, d), dtype=torch.float32, device=h2d.device) if need_h else lse  # dummy ptr
         dw = torch.zeros((v, d), dtype=torch.float32, device=h2d.device) if need_w else lse
         if need_h or need_w:
@@ -196,7 +206,7 @@ class _FusedLinearWeightedCE(torch.autograd.Function):
             )
         grad_h = dh.to(h2d.dtype) if need_h else None
         grad_w = dw.to(weight.dtype) if need_w else None
-        return grad_h, grad_w, None, None, None, None, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None, None, None, None, None
 
 
 def fused_linear_weighted_ce(
@@ -212,14 +222,23 @@ def fused_linear_weighted_ce(
     segment_ids: Optional[torch.Tensor] = None,
     num_segments: Optional[int] = None,
     block_sizes: Optional[tuple[int, int, int]] = None,
+    backward: str = "atomic",
 ) -> LossOutput:
     """Reweighted LM-head cross-entropy, fused in Triton; contract of
     :func:`kernels.reference.linear_weighted_ce`.
 
     ``block_sizes`` = (BLOCK_N, BLOCK_V, BLOCK_D), each a power of two >= 16, overrides the
     defaults (tests use small blocks to exercise several vocab tiles on tiny shapes).
+
+    ``backward``: ``"atomic"`` (default) is the fully fused Triton backward described above;
+    ``"gemm"`` recomputes logits per token chunk with the GEMM library (cuBLAS) and applies the
+    same ``softmax - onehot`` scaling in PyTorch: one [chunk, V] block is materialised, but no
+    atomics. Which is faster depends on the GPU and on V (dH receives V / BLOCK_V atomic adds per
+    element); ``python -m kernels.bench`` times both.
     """
     check_strategy(strategy)
+    if backward not in BACKWARD_MODES:
+        raise ValueError(f"backward: unknown {backward!r}; allowed: {', '.join(BACKWARD_MODES)}")
     b, t, d = hidden.shape
     if weight.shape[1] != d:
         raise ValueError(f"hidden has D={d} but weight is {tuple(weight.shape)}")
@@ -228,6 +247,6 @@ def fused_linear_weighted_ce(
     index, num_samples = sample_index(labels, segment_ids, num_segments)
     loss, per_sample, weights = _FusedLinearWeightedCE.apply(
         h2d, weight_c, labels.reshape(-1).contiguous(), index.to(torch.int32).contiguous(), num_samples,
-        strategy, float(r), float(delta), int(ignore_index), group, block_sizes,
+        strategy, float(r), float(delta), int(ignore_index), group, block_sizes, backward,
     )
     return LossOutput(loss, per_sample, weights)

@@ -10,11 +10,13 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 
+import functools
 import math
 import socket
 from typing import Callable
 
 import pytest
+from hypothesis import given, settings, strategies as st
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -31,6 +33,10 @@ def fused_small(*args, **kwargs):
     return kernels.fused_linear_weighted_ce(*args, block_sizes=(16, 16, 16), **kwargs)
 
 
+def fused_gemm_bwd(*args, **kwargs):
+    return kernels.fused_linear_weighted_ce(*args, block_sizes=(16, 16, 16), backward="gemm", **kwargs)
+
+
 def chunked_small(*args, **kwargs):
     return chunked_ce(*args, chunk_size=4, **kwargs)
 
@@ -38,6 +44,7 @@ def chunked_small(*args, **kwargs):
 IMPLS = {
     "chunked": chunked_small,
     "fused": pytest.param(fused_small, marks=pytest.mark.skipif(not triton_ok, reason="triton unavailable")),
+    "fused-gemm-bwd": pytest.param(fused_gemm_bwd, marks=pytest.mark.skipif(not triton_ok, reason="triton unavailable")),
 }
 EPS = {torch.float32: 0.0, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 
@@ -106,6 +113,18 @@ def test_matches_reference(impl, shape, strategy, dtype):
     compare(impl, hidden, weight, labels, dtype, strategy=strategy, r=0.4)
 
 
+@settings(max_examples=6, deadline=None, derandomize=True)
+@given(b=st.integers(1, 3), t=st.integers(1, 6), d=st.integers(1, 33), v=st.integers(1, 40),
+       strategy=st.sampled_from(["uniform", "linear", "linupper", "quadratic", "extremes"]),
+       seed=st.integers(0, 2**16))
+def test_random_shapes(b, t, d, v, strategy, seed):
+    """Edge shapes (V or D of 1, a single token, tiles mostly padding) for every implementation."""
+    hidden, weight, labels = make_batch(b, t, d, v, seed=seed)
+    impls = [chunked_small] + ([fused_small, fused_gemm_bwd] if triton_ok else [])
+    for impl in impls:
+        compare(impl, hidden, weight, labels, strategy=strategy, r=0.7)
+
+
 @pytest.mark.parametrize("impl", list(IMPLS.values()), ids=list(IMPLS))
 def test_packed_segments(impl):
     """Samples are (row, segment); segment 3 never occurs -> empty samples with weight 0."""
@@ -119,7 +138,8 @@ def test_packed_segments(impl):
 @pytest.mark.parametrize("impl", list(IMPLS.values()), ids=list(IMPLS))
 def test_upstream_grad_delta_and_default_blocks(impl):
     """Upstream gradient != 1, delta != 1, and the default block sizes / chunk size."""
-    default = {chunked_small: chunked_ce, fused_small: kernels.fused_linear_weighted_ce}[impl]
+    default = {chunked_small: chunked_ce, fused_small: kernels.fused_linear_weighted_ce,
+               fused_gemm_bwd: functools.partial(kernels.fused_linear_weighted_ce, backward="gemm")}[impl]
     hidden, weight, labels = make_batch(3, 7, 24, 45, seed=7)
     compare(default, hidden, weight, labels, grad_scale=2.5, strategy="extremes", r=1.0, delta=2.0)
 
@@ -146,6 +166,9 @@ def test_frozen_weight_and_unknown_strategy(impl):
     assert not out.weights.requires_grad and not out.per_sample_loss.requires_grad
     with pytest.raises(ValueError, match="linupper"):
         impl(hidden, weight, labels, strategy="lin-upper")
+    if impl is fused_small:
+        with pytest.raises(ValueError, match="atomic, gemm"):
+            kernels.fused_linear_weighted_ce(hidden, weight, labels, backward="cublas")
 
 
 def test_get_loss_impl():
@@ -184,7 +207,7 @@ def test_bench_quick(tmp_path):
     rows = {(r["impl"], r["mode"]): r for r in result["results"]}
     assert rows[("eager", "fwd")]["status"] == "ok" and rows[("chunked", "fwd+bwd")]["status"] == "ok"
     if triton_ok:
-        assert rows[("fused", "fwd+bwd")]["status"] == "ok"
+        assert rows[("fused", "fwd+bwd")]["status"] == "ok" and rows[("fused_gemm_bwd", "fwd+bwd")]["status"] == "ok"
         assert rows[("fused", "fwd")]["loss"] == pytest.approx(rows[("eager", "fwd")]["loss"], rel=1e-5)
     assert result["meta"]["torch"] == torch.__version__
 
@@ -211,8 +234,8 @@ def _dist_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         hidden, weight, labels, seg = _dist_batch()
         rows = slice(rank * 2, rank * 2 + 2)
         results = {}
-        for name, fn in (("chunked", chunked_small), ("fused", fused_small)):
-            if name == "fused" and not triton_ok:
+        for name, fn in (("chunked", chunked_small), ("fused", fused_small), ("fused-gemm-bwd", fused_gemm_bwd)):
+            if name.startswith("fused") and not triton_ok:
                 continue
             results[name] = run(fn, hidden[rows], weight, labels[rows], torch.float32, group=dist.group.WORLD,
                                 segment_ids=seg[rows], num_segments=2, strategy="linupper", r=0.4)
