@@ -250,3 +250,36 @@ def fused_linear_weighted_ce(
         strategy, float(r), float(delta), int(ignore_index), group, block_sizes, backward,
     )
     return LossOutput(loss, per_sample, weights)
+
+
+def aot_compile(arch: int = 90, dtype: str = "bf16") -> dict[str, int]:
+    """Compile both kernels for a CUDA target without a GPU (Triton's bundled ptxas).
+
+    Why: this machine class has no GPU, and the interpreter takes other code paths (fp32 dots),
+    so this is the only local check that the tensor-core path type-checks, lowers and fits in
+    shared memory. Returns the shared memory (bytes) per kernel. Needs TRITON_INTERPRET unset.
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if INTERPRET:
+        raise RuntimeError("aot_compile needs TRITON_INTERPRET unset when kernels.fused_ce is imported")
+    ptr = f"*{dtype}"
+    fp32_dot = dtype == "fp32"
+    common = {"N": "i32", "V": "i32", "D": "i32", "stride_h": "i32", "stride_w": "i32",
+              "BLOCK_N": "constexpr", "BLOCK_V": "constexpr", "BLOCK_D": "constexpr", "FP32_DOT": "constexpr"}
+    fwd_sig = {"h_ptr": ptr, "w_ptr": ptr, "labels_ptr": "*i64", "sample_ptr": "*i32", "lse_ptr": "*fp32",
+               "sums_ptr": "*fp32", "counts_ptr": "*fp32", **common, "ignore_index": "i32"}
+    bwd_sig = {"h_ptr": ptr, "w_ptr": ptr, "labels_ptr": "*i64", "lse_ptr": "*fp32", "scale_ptr": "*fp32",
+               "dh_ptr": "*fp32", "dw_ptr": "*fp32", **common, "COMPUTE_DH": "constexpr", "COMPUTE_DW": "constexpr"}
+    target = GPUTarget("cuda", arch, 32)
+    out = {}
+    for name, fn, sig, blocks, extra in (
+        ("forward", _forward_kernel, fwd_sig, GPU_FWD_BLOCKS, {}),
+        ("backward", _backward_kernel, bwd_sig, GPU_BWD_BLOCKS, {"COMPUTE_DH": True, "COMPUTE_DW": True}),
+    ):
+        constexprs = {"BLOCK_N": blocks[0], "BLOCK_V": blocks[1], "BLOCK_D": blocks[2], "FP32_DOT": fp32_dot, **extra}
+        compiled = triton.compile(ASTSource(fn, sig, constexprs=constexprs), target=target,
+                                  options={"num_warps": GPU_NUM_WARPS})
+        out[name] = compiled.metadata.shared
+    return out
