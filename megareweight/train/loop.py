@@ -7,6 +7,7 @@ the micro-batch gradients.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from tqdm import tqdm
 from megareweight.config import ExperimentConfig, dump_config
 from megareweight.data.mixture import MixtureSampler, validation_batches
 from megareweight.data.shards import PreparedData
-from megareweight.model import build_model, count_parameters, model_args
+from megareweight.model import build_model, model_args
 from megareweight.reweighting import ReweightSchedule, weight_statistics
 from megareweight.train import checkpoint as ckpt
 from megareweight.train.distributed import all_reduce_sum
@@ -121,6 +122,12 @@ def _eval_row(step: int, tokens: int, losses: dict[str, float], plan: DomainPlan
     return row
 
 
+def _parameter_count(model: torch.nn.Module) -> int:
+    """Distinct parameters, also when ZeRO-3 holds them as empty shards (``ds_numel``)."""
+    seen = {id(p): getattr(p, "ds_numel", p.numel()) for p in model.parameters()}
+    return sum(seen.values())
+
+
 def default_engine_factory(module: ReweightedLM, cfg: ExperimentConfig):
     from megareweight.train.engine import PlainEngine
 
@@ -149,10 +156,15 @@ def train(
     args = model_args(cfg.model.size, vocab_size=data.vocab_size, tie_embeddings=cfg.model.tie_embeddings)
     if cfg.data.seq_len > args.max_seq_len:
         raise ValueError(f"data.seq_len {cfg.data.seq_len} exceeds the {cfg.model.size} model's max_seq_len {args.max_seq_len}")
-    model = build_model(args, activation_checkpointing=cfg.model.activation_checkpointing)
+    factory = engine_factory or default_engine_factory
+    # An engine may construct the model its own way (DeepSpeed: zero.Init shards large models).
+    model_init = getattr(factory, "model_init", None)
+    with model_init(cfg, args) if model_init else contextlib.nullcontext():
+        model = build_model(args, activation_checkpointing=cfg.model.activation_checkpointing)
+    n_params = _parameter_count(model)
     device_hint = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loss_name, loss_fn = get_loss_impl(cfg.loss.impl, device_hint)
-    engine = (engine_factory or default_engine_factory)(ReweightedLM(model, loss_fn, cfg.reweight.delta), cfg)
+    engine = factory(ReweightedLM(model, loss_fn, cfg.reweight.delta), cfg)
     is_main = engine.rank == 0
 
     sampler = MixtureSampler(data.shards("train", plan.train), plan.weights, cfg.data.seq_len,
@@ -173,9 +185,9 @@ def train(
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out / "config.yaml")
-    logger = MetricsLogger(out, cfg, enabled=is_main, resume_step=start_step - 1 if resume else None)
+    logger = MetricsLogger(out, cfg, enabled=is_main, resume_step=start_step if resume else None)
     if is_main and progress:
-        print(f"[megareweight] model {cfg.model.size}: {count_parameters(model):,} parameters; loss impl: {loss_name}; "
+        print(f"[megareweight] model {cfg.model.size}: {n_params:,} parameters; loss impl: {loss_name}; "
               f"engine: {engine.name} x{engine.world_size}; train domains {plan.train}; held out {plan.heldout}")
 
     def save(step_done: int) -> None:
@@ -270,6 +282,6 @@ def train(
     logger.log_eval(eval_row)
     save(total_steps)
     seconds = time.time() - start_time
-    logger.finish({**eval_row, "seconds": seconds, "loss_impl": loss_name, "parameters": count_parameters(model),
+    logger.finish({**eval_row, "seconds": seconds, "loss_impl": loss_name, "parameters": n_params,
                    "skipped_steps": skipped, "engine": engine.name, "world_size": engine.world_size})
     return TrainResult(out, total_steps, total_steps * tokens_per_step, seconds, loss_name, last_eval, skipped, is_main)

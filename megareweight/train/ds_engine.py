@@ -1,0 +1,362 @@
+"""DeepSpeed engine (ZeRO-2/3) behind the same interface as :class:`~megareweight.train.engine.PlainEngine`.
+
+Why a wrapper and not DeepSpeed in the loop: the loop stays engine-agnostic (one code path for one
+process and for a cluster), and everything DeepSpeed-specific lives here:
+
+* **Config resolution.** The DeepSpeed JSON may say ``"auto"`` for batch sizes, gradient
+  accumulation, clipping, precision and optimizer hyper-parameters; they are filled from the YAML
+  experiment config. An explicit JSON value that disagrees with the YAML is a :class:`ConfigError`
+  naming both keys: two sources of truth must never silently disagree.
+* **Reweighting across ranks.** The loss of rank ``k`` is ``sum_{i in slice k} w_i l_i * W`` with
+  the weights computed over the all-gathered global micro-batch (DESIGN.md; Sow et al.). DeepSpeed
+  averages gradients over the ``W`` data-parallel ranks, giving ``sum_i w_i grad l_i``.
+  ``engine.backward`` divides by ``gradient_accumulation_steps`` itself (``scale_wrt_gas``), so
+  this wrapper does not (PlainEngine does it by hand): the step's gradient is the mean over the
+  global micro-batches, each of whose weights sum to 1.
+* **ZeRO-3 and the LM head.** The loss consumes ``output_weight`` (the untied ``lm_head.weight`` or
+  the tied embedding) inside :class:`ReweightedLM.forward`, outside the owning module's forward.
+  It is registered as an external parameter of ``ReweightedLM`` so ZeRO-3 gathers it for the
+  whole forward and again for the backward (the chunked loss recomputes logits there).
+* **Large models** are constructed under ``deepspeed.zero.Init`` (each rank only ever holds its
+  shard); the custom initialisation is then applied one gathered parameter at a time.
+* **Checkpoints.** ``save`` writes DeepSpeed's sharded checkpoint (tag ``engine``), per-rank RNG
+  states and ``engine_meta.json``. ``load`` on the same number of ranks restores everything
+  exactly; on a different number it converts the checkpoint to DeepSpeed's *universal* format
+  (optimizer state preserved) and loads that.
+
+Extra JSON keys of ours live under the top-level ``"megareweight"`` section and are removed before
+DeepSpeed sees the config: ``zero_init`` (``"auto"``: by model size, or true/false).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megareweight.config import ConfigError, ExperimentConfig
+from megareweight.model import ModelArgs, Transformer, build_model, count_parameters
+from megareweight.train.engine import make_optimizer
+from megareweight.train.objective import ReweightedLM
+
+AUTO = "auto"
+#: Build under ``zero.Init`` from this many parameters when ``zero_init`` is "auto" (the 1.4b and
+#: 7b sizes; a 125m model fits on every GPU before partitioning).
+ZERO_INIT_MIN_PARAMETERS = 500_000_000
+ENGINE_TAG = "engine"
+META = "engine_meta.json"
+
+
+# --- configuration ---------------------------------------------------------------------------------
+
+def _fill(ds: dict[str, Any], path: str, value: Any, yaml_key: str) -> None:
+    """Set ``ds[path]`` to ``value`` if it is "auto" or absent; raise if it contradicts the YAML."""
+    *parents, leaf = path.split(".")
+    node = ds
+    for part in parents:
+        node = node.setdefault(part, {})
+    current = node.get(leaf, AUTO)
+    if current == AUTO:
+        node[leaf] = value
+        return
+    same = (abs(float(current) - float(value)) <= 1e-12 * max(1.0, abs(float(value)))
+            if isinstance(value, float) and isinstance(current, (int, float)) and not isinstance(current, bool)
+            else current == value)
+    if not same:
+        raise ConfigError(f"DeepSpeed config {path}={current!r} contradicts {yaml_key}={value!r} "
+                          f"(write \"auto\" in the JSON to take the YAML value)")
+
+
+def resolve_ds_config(raw: dict[str, Any], cfg: ExperimentConfig, world_size: int) -> dict[str, Any]:
+    """A DeepSpeed config with every "auto" filled from ``cfg`` and checked for contradictions.
+
+    The ``megareweight`` section (ours) is removed. A ``scheduler`` section is refused: the loop
+    owns the learning-rate schedule (``optim.*``) and sets the rate before every step.
+    """
+    ds = json.loads(json.dumps(raw))  # deep copy
+    ds.pop("megareweight", None)
+    if "scheduler" in ds:
+        raise ConfigError("DeepSpeed config: remove the 'scheduler' section; the learning-rate schedule comes "
+                          "from optim.lr / optim.warmup_steps / optim.min_lr_ratio")
+    mbs, gas = cfg.data.micro_batch_size, cfg.train.gradient_accumulation_steps
+    _fill(ds, "train_micro_batch_size_per_gpu", mbs, "data.micro_batch_size")
+    _fill(ds, "gradient_accumulation_steps", gas, "train.gradient_accumulation_steps")
+    _fill(ds, "train_batch_size", mbs * gas * world_size,
+          f"data.micro_batch_size * train.gradient_accumulation_steps * world_size ({mbs}*{gas}*{world_size})")
+    _fill(ds, "gradient_clipping", float(cfg.optim.grad_clip), "optim.grad_clip")
+    _fill(ds, "bf16.enabled", cfg.train.precision == "bf16", f"train.precision ({cfg.train.precision})")
+    _fill(ds, "fp16.enabled", cfg.train.precision == "fp16", f"train.precision ({cfg.train.precision})")
+    if "optimizer" in ds:
+        o = cfg.optim
+        params = ds["optimizer"].setdefault("params", {})
+        for key, value, name in (("lr", o.lr, "optim.lr"), ("betas", [o.beta1, o.beta2], "optim.beta1/beta2"),
+                                 ("eps", o.eps, "optim.eps"), ("weight_decay", o.weight_decay, "optim.weight_decay")):
+            current = params.get(key, AUTO)
+            if current == AUTO:
+                params[key] = value
+            elif (list(map(float, current)) if key == "betas" else float(current)) != value:
+                raise ConfigError(f"DeepSpeed config optimizer.params.{key}={current!r} contradicts {name}={value!r}")
+    stage = int(ds.get("zero_optimization", {}).get("stage", 0))
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"DeepSpeed config zero_optimization.stage: {stage} is not one of 0, 1, 2, 3")
+    return ds
+
+
+def _has_activation_checkpointing(raw: dict[str, Any]) -> bool:
+    return isinstance(raw.get("activation_checkpointing"), dict)
+
+
+# --- distributed set-up ----------------------------------------------------------------------------
+
+def init_distributed() -> None:
+    """Initialise the process group once (gloo on CPU, NCCL on CUDA; DeepSpeed picks)."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if not dist.is_initialized():
+        backend = "gloo" if get_accelerator().device_name() == "cpu" else None
+        deepspeed.init_distributed(dist_backend=backend)
+
+
+def _local_device() -> torch.device:
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    if acc.device_name() == "cpu":
+        return torch.device("cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    acc.set_device(local_rank)
+    return torch.device(acc.device_name(local_rank))
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def init_partitioned_parameters(model: Transformer) -> None:
+    """Apply :meth:`Transformer.reset_parameters`'s rule to a model built under ``zero.Init``.
+
+    ``reset_parameters`` ran on empty shards there and did nothing. Each parameter is gathered
+    alone (peak memory: one matrix), initialised on rank 0 and re-partitioned (broadcast).
+    Keep in sync with ``Transformer.reset_parameters`` (GPT-2 style N(0, 0.02), residual outputs
+    scaled by 1/sqrt(2L), norm gains 1).
+    """
+    import deepspeed
+
+    std, layers = model.args.init_std, model.args.n_layers
+    for name, p in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+            if dist.get_rank() == 0:
+                with torch.no_grad():
+                    if p.dim() == 1:
+                        p.fill_(1.0)
+                    elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                        p.normal_(std=std / (2 * layers) ** 0.5)
+                    else:
+                        p.normal_(std=std)
+
+
+# --- the engine ------------------------------------------------------------------------------------
+
+class DeepSpeedEngine:
+    """``PlainEngine``'s interface over ``deepspeed.initialize``; see the module docstring."""
+
+    def __init__(self, module: ReweightedLM, cfg: ExperimentConfig, ds_config: dict[str, Any],
+                 activation_checkpointing: bool = False):
+        import deepspeed
+
+        init_distributed()
+        self.cfg = cfg
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.device = _local_device()
+        self.ds_config = ds_config
+        self.stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+        self.name = f"deepspeed-zero{self.stage}"
+        if activation_checkpointing:
+            module.model.activation_checkpointing = True
+        if self.stage == 3:
+            deepspeed.zero.register_external_parameter(module, module.model.output_weight)
+        optimizer = None if "optimizer" in ds_config else make_optimizer(module, cfg)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=module, optimizer=optimizer, model_parameters=None if optimizer else module.parameters(),
+            config=ds_config)
+        self.module = module
+        self.grad_accum = cfg.train.gradient_accumulation_steps
+
+    # -- step ----------------------------------------------------------------------------------
+    def forward(self, batch: dict[str, torch.Tensor], strategy: str, r: float):
+        return self.engine(batch["input_ids"].to(self.device), batch["labels"].to(self.device), strategy, r)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate (DeepSpeed scales by 1/gas). Between boundaries DeepSpeed's ``step`` only
+        advances its micro-step counter; the boundary step is :meth:`step`."""
+        self.engine.backward(loss)
+        if not self.engine.is_gradient_accumulation_boundary():
+            self.engine.step()
+
+    def step(self, lr: float) -> torch.Tensor:
+        """Set the rate, clip + step (DeepSpeed's clip equals torch's ``clip_grad_norm_``:
+        scale by ``clip / (norm + 1e-6)`` when above). Returns the pre-clip global grad norm; inf
+        when DeepSpeed found non-finite gradients and skipped the update."""
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        self.engine.step()
+        if not getattr(self.engine, "_step_applied", True):
+            return torch.tensor(float("inf"))
+        norm = self.engine.get_global_grad_norm()
+        return torch.as_tensor(float("nan") if norm is None else float(norm))
+
+    def skip_step(self) -> None:
+        """Discard this step's gradients without an optimizer update (keeps the micro-step count)."""
+        self.engine.optimizer.zero_grad()
+        self.engine.micro_steps += 1
+
+    def train(self, mode: bool = True) -> None:
+        self.engine.train(mode)
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def save(self, directory: Path) -> None:
+        """All ranks: DeepSpeed shards + this rank's RNG states; rank 0: world-size metadata."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.engine.save_checkpoint(str(directory), tag=ENGINE_TAG, save_latest=False)
+        torch.save(_rng_state(), directory / f"rng_rank{self.rank:05d}.pt")
+        if self.rank == 0:
+            (directory / META).write_text(json.dumps({"world_size": self.world_size, "stage": self.stage}))
+
+    def load(self, directory: Path) -> None:
+        directory = Path(directory)
+        meta = json.loads((directory / META).read_text())
+        if meta["world_size"] == self.world_size:
+            self.engine.load_checkpoint(str(directory), tag=ENGINE_TAG, load_lr_scheduler_states=False)
+            rng = directory / f"rng_rank{self.rank:05d}.pt"
+            _set_rng_state(torch.load(rng, weights_only=False))
+            return
+        self._load_universal(directory, meta["world_size"])
+
+    def _load_universal(self, directory: Path, saved_world: int) -> None:
+        """Resume on a different number of ranks via DeepSpeed's universal checkpoint.
+
+        Rank 0 converts ``<ckpt>/engine`` to ``<ckpt>/engine_universal`` once (kept for later
+        resumes); every rank then loads its new partition of weights and optimizer state. RNG
+        states are per rank and do not carry over (training draws no random numbers from them).
+        """
+        universal = directory / f"{ENGINE_TAG}_universal"
+        if self.rank == 0 and not (universal / "zero").is_dir():
+            _convert_to_universal(directory / ENGINE_TAG, universal)
+        dist.barrier()
+        if self.rank == 0:
+            warnings.warn(f"resuming a {saved_world}-rank checkpoint on {self.world_size} ranks "
+                          f"through the universal checkpoint {universal}")
+        self.engine._config.load_universal_checkpoint = True
+        try:
+            self.engine.load_checkpoint(str(directory), tag=universal.name, load_lr_scheduler_states=False)
+        finally:
+            self.engine._config.load_universal_checkpoint = False
+
+    def model_state_dict(self) -> Optional[dict[str, torch.Tensor]]:
+        """Full fp32 weights on rank 0 (gathered; None elsewhere under ZeRO-3)."""
+        if self.stage < 3:
+            return self.module.model.state_dict()
+        state = self.engine._zero3_consolidated_16bit_state_dict()
+        if state is None:
+            return None
+        prefix = "model."
+        return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _convert_to_universal(source: Path, target: Path) -> None:
+    """``python -m deepspeed.checkpoint.ds_to_universal`` in-process (one conversion per checkpoint)."""
+    import argparse
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = argparse.Namespace(input_folder=str(source), output_folder=str(tmp), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              inject_missing_state=False)
+    ds_to_universal(args)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+
+
+# --- factory ---------------------------------------------------------------------------------------
+
+class DeepSpeedEngineFactory:
+    """``(module, cfg) -> DeepSpeedEngine``; also decides how the model is constructed.
+
+    The loop builds the model inside :meth:`model_init` so that large models never exist whole on
+    any rank (``deepspeed.zero.Init``).
+    """
+
+    def __init__(self, json_path: str | os.PathLike):
+        path = Path(json_path)
+        if not path.is_file():
+            raise ConfigError(f"DeepSpeed config not found: {path}")
+        try:
+            self.raw = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+        self.path = path
+        ours = self.raw.get("megareweight", {})
+        self.zero_init_setting = ours.get("zero_init", AUTO)
+        if self.zero_init_setting not in (AUTO, True, False):
+            raise ConfigError(f"{path}: megareweight.zero_init must be \"auto\", true or false")
+        self.stage = int(self.raw.get("zero_optimization", {}).get("stage", 0))
+        self.built_under_zero_init = False
+
+    def use_zero_init(self, args: ModelArgs) -> bool:
+        if self.stage != 3:
+            return False
+        if self.zero_init_setting != AUTO:
+            return bool(self.zero_init_setting)
+        return count_parameters(build_model(args, device="meta")) >= ZERO_INIT_MIN_PARAMETERS
+
+    @contextlib.contextmanager
+    def model_init(self, cfg: ExperimentConfig, args: ModelArgs) -> Iterator[None]:
+        """Context for ``build_model``: ``zero.Init`` for large models under ZeRO-3."""
+        init_distributed()
+        if not self.use_zero_init(args):
+            yield
+            return
+        import deepspeed
+
+        ds = resolve_ds_config(self.raw, cfg, dist.get_world_size())
+        self.built_under_zero_init = True
+        with deepspeed.zero.Init(config_dict_or_path=ds):  # dtype follows the config's bf16/fp16
+            yield
+
+    def __call__(self, module: ReweightedLM, cfg: ExperimentConfig) -> DeepSpeedEngine:
+        init_distributed()
+        ds = resolve_ds_config(self.raw, cfg, dist.get_world_size())
+        if self.built_under_zero_init:
+            init_partitioned_parameters(module.model)
+        return DeepSpeedEngine(module, cfg, ds, activation_checkpointing=_has_activation_checkpointing(self.raw))
+
+
+def deepspeed_engine_factory(json_path: str | os.PathLike) -> DeepSpeedEngineFactory:
+    """Entry point used by ``megareweight train --deepspeed JSON``."""
+    return DeepSpeedEngineFactory(json_path)
