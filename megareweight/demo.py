@@ -46,11 +46,12 @@ def ensure_corpus(corpus: Path, progress: bool) -> Path:
     return corpus
 
 
-def ensure_prepared(corpus: Path, prepared: Path, progress: bool) -> PreparedData:
+def ensure_prepared(corpus: Path, prepared: Path, progress: bool, vocab_size: int = VOCAB_SIZE) -> PreparedData:
     """Tokenize ``corpus`` into ``prepared`` unless an up-to-date preparation is already there."""
     try:
         data = PreparedData.open(prepared)
-        if data.manifest.get("corpus") == str(corpus.resolve()) and set(data.domains) == set(list_domains(corpus)):
+        same = data.manifest.get("corpus") == str(corpus.resolve()) and data.vocab_size == vocab_size
+        if same and set(data.domains) == set(list_domains(corpus)):
             if progress:
                 print(f"[demo] reusing prepared data in {prepared}")
             return data
@@ -59,8 +60,8 @@ def ensure_prepared(corpus: Path, prepared: Path, progress: bool) -> PreparedDat
     from megareweight.data.prepare import prepare
 
     if progress:
-        print(f"[demo] training a {VOCAB_SIZE}-token BPE tokenizer and writing shards to {prepared}")
-    prepare(corpus, prepared, vocab_size=VOCAB_SIZE, progress=progress)
+        print(f"[demo] training a {vocab_size}-token BPE tokenizer and writing shards to {prepared}")
+    prepare(corpus, prepared, vocab_size=vocab_size, progress=progress)
     return PreparedData.open(prepared)
 
 
@@ -182,14 +183,14 @@ def plot_curves(records: list[RunRecord], path: Path) -> None:
 
 
 def run_demo(out: Path, corpus: Optional[Path] = None, seeds: int = 2, steps: Optional[int] = None,
-             progress: bool = True) -> Path:
+             progress: bool = True, vocab_size: int = VOCAB_SIZE) -> Path:
     """Run the whole demo; returns the path of ``report.md``."""
     if seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
     start = time.time()
     out.mkdir(parents=True, exist_ok=True)
     corpus = ensure_corpus(corpus or out / "corpus", progress)
-    prepared = ensure_prepared(corpus, out / "prepared", progress)
+    prepared = ensure_prepared(corpus, out / "prepared", progress, vocab_size)
     records = []
     for seed in range(seeds):
         for method in METHODS:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import random
+import re
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
 
@@ -80,6 +81,21 @@ def train_tokenizer(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     proto = io.BytesIO()
     max_len = 8192
+    try:
+        _train_sentencepiece(docs, proto, vocab_size, num_threads, max_len)
+    except RuntimeError as exc:
+        match = re.search(r"set it to a value <= (\d+)", str(exc))
+        if match:
+            raise ValueError(
+                f"vocab_size {vocab_size} is too large for this corpus: its sample supports at most "
+                f"{match.group(1)} pieces; lower --vocab-size"
+            ) from None
+        raise
+    out_path.write_bytes(proto.getvalue())
+    return Tokenizer(out_path)
+
+
+def _train_sentencepiece(docs: Sequence[str], proto: io.BytesIO, vocab_size: int, num_threads: int, max_len: int) -> None:
     spm.SentencePieceTrainer.train(
         sentence_iterator=_training_lines(docs, max_len),
         model_writer=proto,
@@ -103,5 +119,3 @@ def train_tokenizer(
         shuffle_input_sentence=True,
         minloglevel=2,
     )
-    out_path.write_bytes(proto.getvalue())
-    return Tokenizer(out_path)

@@ -80,6 +80,11 @@ class MetricsLogger:
             return
         (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         if self.run is not None:
+            import wandb
+
             self.run.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
             self.run.finish()
             self.run = None
+            # finish() can return before the background service has flushed the offline run file;
+            # tearing the service down waits for it, so the file is complete when train() returns.
+            wandb.teardown()

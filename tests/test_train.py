@@ -1,0 +1,100 @@
+"""Single-process training: loss falls, determinism, exact resume, wandb values, CLI errors."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from megareweight.cli import main
+from megareweight.train.loop import train
+from megareweight.train.wandb_reader import find_run_file, read_history
+from tests.conftest import tiny_config
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loss_falls_and_files_are_written(prepared_dir, tmp_path):
+    cfg = tiny_config(prepared_dir, train={"max_steps": 40, "eval_interval": 20},
+                      reweight={"strategy": "linupper", "r": 0.5, "warmup_steps": 5})
+    result = train(cfg, tmp_path / "run", progress=False)
+    rows = _metrics(tmp_path / "run")
+    assert len(rows) == 40
+    first, last = sum(r["loss"] for r in rows[:5]) / 5, sum(r["loss"] for r in rows[-5:]) / 5
+    assert last < first - 0.5, (first, last)
+    assert rows[0]["strategy"] == "uniform" and rows[-1]["strategy"] == "linupper"
+    assert rows[-1]["weight_max"] > rows[-1]["weight_min"]  # reweighting is active
+    assert rows[0]["weight_ess"] == pytest.approx(4.0)  # uniform: ESS = batch size
+    for key in ("tokens", "lr", "weight_entropy", "loss/code", "weight_share/prose", "mixture/numbers", "epochs/code"):
+        assert key in rows[-1]
+    assert rows[-1]["tokens"] == 40 * 4 * 32
+    evals = [json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [20, 40]
+    assert set(result.final_eval) == {"code", "numbers", "prose"}
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step_00000040"
+
+
+def test_same_seed_same_curve_and_other_seed_differs(prepared_dir, tmp_path):
+    cfg = tiny_config(prepared_dir, reweight={"strategy": "quadratic", "r": 0.4})
+    train(cfg, tmp_path / "a", progress=False)
+    train(cfg, tmp_path / "b", progress=False)
+    other = tiny_config(prepared_dir, reweight={"strategy": "quadratic", "r": 0.4}, train={"seed": 1})
+    train(other, tmp_path / "c", progress=False)
+    la, lb, lc = ([r["loss"] for r in _metrics(tmp_path / x)] for x in "abc")
+    assert la == lb
+    assert la != lc
+
+
+def test_resume_reproduces_the_uninterrupted_run(prepared_dir, tmp_path):
+    cfg = tiny_config(prepared_dir, train={"max_steps": 10, "checkpoint_interval": 4, "eval_interval": 0},
+                      reweight={"strategy": "linupper", "r": 0.4, "warmup_steps": 2})
+    full = tmp_path / "full"
+    train(cfg, full, progress=False)
+    # A run that died after step 6: it has the step-4 checkpoint and metrics up to step 6.
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full / "checkpoints" / "step_00000004", resumed / "checkpoints" / "step_00000004")
+    (resumed / "checkpoints" / "latest").write_text("step_00000004")
+    rows = (full / "metrics.jsonl").read_text().splitlines()[:6]
+    (resumed / "metrics.jsonl").write_text("\n".join(rows) + "\n")
+    train(cfg, resumed, resume=True, progress=False)
+    assert [r["loss"] for r in _metrics(resumed)] == [r["loss"] for r in _metrics(full)]
+    assert [r["step"] for r in _metrics(resumed)] == list(range(1, 11))
+
+
+def test_wandb_offline_values_read_back(prepared_dir, tmp_path):
+    cfg = tiny_config(prepared_dir, wandb={"mode": "offline"}, train={"max_steps": 6, "eval_interval": 3},
+                      reweight={"strategy": "linupper"})
+    train(cfg, tmp_path / "run", progress=False)
+    history = read_history(find_run_file(tmp_path / "run" / "wandb"))
+    logged = {row["_step"]: row for row in history if "train/loss" in row}
+    for row in _metrics(tmp_path / "run"):
+        assert logged[row["step"]]["train/loss"] == pytest.approx(row["loss"])
+        assert logged[row["step"]]["train/weight_max"] == pytest.approx(row["weight_max"])
+    evals = [row for row in history if "eval/loss/prose" in row]
+    assert [row["_step"] for row in evals] == [3, 6]
+
+
+def test_cli_bad_config_is_one_line_exit_2(prepared_dir, tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data: {{prepared: {prepared_dir}}}\nreweight: {{strategy: linupr}}\n")
+    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("megareweight: error: reweight.strategy: 'linupr' is not allowed")
+    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "o"), "--set", "reweight.strategy=linupper",
+                 "--set", "data.train_domains=[code, web]"]) == 2
+    assert "data.train_domains: unknown domain 'web'" in capsys.readouterr().err
+    assert main(["prepare", "--corpus", str(tmp_path / "none"), "--out", str(tmp_path / "p")]) == 2
+    assert "corpus directory not found" in capsys.readouterr().err
+
+
+def test_cli_train_and_verify(prepared_dir, tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {{size: tiny}}\ndata: {{prepared: {prepared_dir}, seq_len: 16, micro_batch_size: 2}}\n"
+                   "train: {max_steps: 3, eval_interval: 0}\nwandb: {mode: disabled}\nloss: {impl: reference}\n")
+    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "o"), "--quiet"]) == 0
+    assert len(_metrics(tmp_path / "o")) == 3
+    assert main(["verify", str(prepared_dir)]) == 0
+    assert "OK" in capsys.readouterr().out
