@@ -270,11 +270,16 @@ class DeepSpeedEngine:
         if self.rank == 0:
             warnings.warn(f"resuming a {saved_world}-rank checkpoint on {self.world_size} ranks "
                           f"through the universal checkpoint {universal}")
+        # DeepSpeed's ZeRO-3 universal loader copies the first param group's hyper-parameters
+        # to every group, which would give the norm gains weight decay: keep ours.
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.engine.optimizer.param_groups]
         self.engine._config.load_universal_checkpoint = True
         try:
             self.engine.load_checkpoint(str(directory), tag=universal.name, load_lr_scheduler_states=False)
         finally:
             self.engine._config.load_universal_checkpoint = False
+        for group, saved in zip(self.engine.optimizer.param_groups, groups):
+            group.update({k: v for k, v in saved.items() if k != "lr"})
 
     def model_state_dict(self) -> Optional[dict[str, torch.Tensor]]:
         """Full fp32 weights on rank 0 (gathered; None elsewhere under ZeRO-3)."""

@@ -1,0 +1,80 @@
+"""``megareweight model-info``: parameter count, ZeRO-3 memory per GPU and training FLOPs per token.
+
+Why: to size a cluster job before launching it. Everything is computed without allocating the
+model: it is built on PyTorch's ``meta`` device, so the 7b count is exact (not a formula) and
+takes milliseconds.
+
+* ``parameters``: distinct parameters (a tied embedding counts once).
+* ZeRO-3 model-state memory per GPU: DeepSpeed's own estimator
+  (``deepspeed.runtime.zero.stage3.estimate_zero3_model_states_mem_needs``; mixed-precision Adam,
+  18 bytes per parameter spread over all GPUs, plus the largest layer gathered in fp32), with the
+  optimizer and parameters on the GPU (no offload) and with both offloaded to CPU. Activations
+  are not included: they depend on micro-batch size and activation checkpointing.
+* ``flops_per_token``: training FLOPs per token as used for MFU (PaLM, Chowdhery et al. 2022,
+  appendix B): ``6 * N_matmul + 12 * n_layers * d_model * seq_len``, where ``N_matmul`` is every
+  weight that takes part in a matrix multiply (the input embedding lookup does not, unless it is
+  tied to the output head).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch.nn as nn
+
+from megareweight.model import build_model, count_parameters, model_args
+
+GIB = 1024**3
+
+
+def largest_layer_parameters(model: nn.Module) -> int:
+    """The most parameters any single module owns directly (what ZeRO-3 gathers at once)."""
+    return max((sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()), default=0)
+
+
+def matmul_parameters(model: nn.Module) -> int:
+    """Parameters used in matrix multiplies: all but norm gains and an untied input embedding."""
+    total = count_parameters(model)
+    norms = sum(p.numel() for name, p in model.named_parameters() if p.dim() == 1)
+    untied_embedding = model.embed.weight.numel() if model.lm_head is not None else 0
+    return total - norms - untied_embedding
+
+
+def model_info(size: str, vocab_size: int = 32000, seq_len: int = 2048, nodes: int = 1,
+               gpus_per_node: int = 8) -> dict[str, Any]:
+    """Facts about a named model size for a ``nodes`` x ``gpus_per_node`` job (see module doc)."""
+    if nodes < 1 or gpus_per_node < 1:
+        raise ValueError(f"--nodes and --gpus-per-node must be >= 1, got {nodes}, {gpus_per_node}")
+    args = model_args(size, vocab_size=vocab_size)
+    if seq_len < 1 or seq_len > args.max_seq_len:
+        raise ValueError(f"--seq-len must be in [1, {args.max_seq_len}] for {size}, got {seq_len}")
+    model = build_model(args, device="meta")
+    total = count_parameters(model)
+    largest = largest_layer_parameters(model)
+    n_matmul = matmul_parameters(model)
+    flops = 6 * n_matmul + 12 * args.n_layers * args.d_model * seq_len
+
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    _, gpu_no_offload, _ = estimate_zero3_model_states_mem_needs(
+        total, largest, gpus_per_node, nodes, cpu_offload=False, zero_init=True)
+    cpu_offload_host, gpu_offload, _ = estimate_zero3_model_states_mem_needs(
+        total, largest, gpus_per_node, nodes, cpu_offload=True, cpu_offload_params=True, zero_init=True)
+    return {
+        "size": size,
+        "parameters": total,
+        "matmul_parameters": n_matmul,
+        "largest_layer_parameters": largest,
+        "d_model": args.d_model,
+        "n_layers": args.n_layers,
+        "n_heads": args.n_heads,
+        "vocab_size": args.vocab_size,
+        "tie_embeddings": args.tie_embeddings,
+        "seq_len": seq_len,
+        "nodes": nodes,
+        "gpus_per_node": gpus_per_node,
+        "zero3_model_states_gib_per_gpu": round(gpu_no_offload / GIB, 3),
+        "zero3_offload_gib_per_gpu": round(gpu_offload / GIB, 3),
+        "zero3_offload_host_gib_per_node": round(cpu_offload_host / GIB, 3),
+        "flops_per_token": flops,
+        "flops_per_token_formula": "6*matmul_parameters + 12*n_layers*d_model*seq_len",
+    }
