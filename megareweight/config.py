@@ -101,6 +101,8 @@ class TrainConfig:
     log_interval: int = 1
     checkpoint_interval: int = 0  # 0: only at the end
     max_nonfinite_steps: int = 5  # consecutive all-non-finite steps before the run stops
+    histogram_interval: int = 50  # log the weight distribution to wandb every N steps (0: never)
+    keep_checkpoints: int = 3  # newest complete checkpoints kept on disk (0: all)
 
 
 @dataclass
@@ -251,6 +253,8 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _require(t.checkpoint_interval >= 0, "train.checkpoint_interval", f"must be >= 0, got {t.checkpoint_interval}")
     _require(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
     _require(t.seed >= 0, "train.seed", f"must be >= 0, got {t.seed}")
+    _require(t.histogram_interval >= 0, "train.histogram_interval", f"must be >= 0, got {t.histogram_interval}")
+    _require(t.keep_checkpoints >= 0, "train.keep_checkpoints", f"must be >= 0, got {t.keep_checkpoints}")
     return cfg
 
 

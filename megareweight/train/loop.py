@@ -8,6 +8,7 @@ the micro-batch gradients.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -191,9 +192,12 @@ def train(
               f"engine: {engine.name} x{engine.world_size}; train domains {plan.train}; held out {plan.heldout}")
 
     def save(step_done: int) -> None:
-        state = {"step": step_done, "sampler": sampler.state_dict(), "nonfinite_streak": streak,
+        state = {"step": step_done, "model_args": dataclasses.asdict(args), "sampler": sampler.state_dict(),
+                 "nonfinite_streak": streak,
                  "skipped_steps": skipped, "torch_rng": torch.get_rng_state().tolist(), "config": cfg.to_dict()}
         ckpt.save_checkpoint(ckpt_root, step_done, state, engine.save, is_writer=is_main, barrier=engine.barrier)
+        if is_main:
+            ckpt.prune(ckpt_root, cfg.train.keep_checkpoints)
 
     n_dom = len(plan.train)
     bar = tqdm(total=cfg.train.max_steps, initial=start_step, desc="train", disable=not (is_main and progress),
@@ -268,6 +272,8 @@ def train(
         row.update({f"epochs/{d}": e for d, e in sampler.epochs().items()})
         if step_done % cfg.train.log_interval == 0 or step_done == cfg.train.max_steps:
             logger.log_step(row)
+        if cfg.train.histogram_interval and step_done % cfg.train.histogram_interval == 0:
+            logger.log_histogram(step_done, "weight_hist", out_.weights.detach().float().cpu().numpy())
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}")
         if cfg.train.eval_interval and (step_done % cfg.train.eval_interval == 0) and step_done != cfg.train.max_steps:

@@ -21,6 +21,14 @@ def truncate_jsonl(path: Path, after_step: int) -> None:
     path.write_text("".join(r + "\n" for r in rows))
 
 
+def _histogram(values: Any, bins: int = 32) -> tuple:
+    import numpy as np
+
+    arr = np.asarray(values, dtype=np.float64)
+    arr = arr[np.isfinite(arr) & (arr > 0)]  # weight 0 marks an excluded sample
+    return np.histogram(arr if arr.size else np.zeros(1), bins=bins)
+
+
 class MetricsLogger:
     """Writes metrics; a no-op on ranks other than 0."""
 
@@ -67,6 +75,14 @@ class MetricsLogger:
         self._write(self.metrics_path, row)
         if self.run is not None:
             self.run.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=row["step"])
+
+    def log_histogram(self, step: int, name: str, values: Any) -> None:
+        """A distribution (e.g. this step's instance weights) as a wandb histogram panel."""
+        if not self.enabled or self.run is None:
+            return
+        import wandb
+
+        self.run.log({f"train/{name}": wandb.Histogram(np_histogram=_histogram(values))}, step=step)
 
     def log_eval(self, row: dict[str, Any]) -> None:
         if not self.enabled:

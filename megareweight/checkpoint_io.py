@@ -1,0 +1,58 @@
+"""Load a trained model back from a run's checkpoint, whichever engine wrote it.
+
+* plain engine: ``engine.pt`` holds the model state dict;
+* DeepSpeed (any ZeRO stage): the sharded checkpoint is consolidated to fp32 with DeepSpeed's own
+  ``get_fp32_state_dict_from_zero_checkpoint`` (no GPU, no launcher needed).
+
+``trainer_state.json`` beside it records the model's shapes (``model_args``), so a checkpoint can be
+used without the prepared data it was trained on.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from megareweight.model import ModelArgs, Transformer, build_model
+from megareweight.train.checkpoint import STATE, find_latest
+
+ENGINE_FILE = "engine.pt"
+DEEPSPEED_TAG = "engine"
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """Accept a checkpoint directory, a ``checkpoints/`` directory or a run directory."""
+    path = Path(path)
+    if (path / STATE).is_file():
+        return path
+    for root in (path, path / "checkpoints"):
+        latest = find_latest(root)
+        if latest is not None:
+            return latest
+    raise FileNotFoundError(f"no complete checkpoint in {path} (expected {STATE} or a checkpoints/ directory)")
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Transformer, dict]:
+    """(model in eval mode with fp32 weights, trainer state) from a checkpoint."""
+    ckpt = resolve_checkpoint(path)
+    state = json.loads((ckpt / STATE).read_text())
+    if "model_args" not in state:
+        raise ValueError(f"{ckpt / STATE}: no model_args (checkpoint written by an older version)")
+    args = ModelArgs(**state["model_args"])
+    model = build_model(args)
+    if (ckpt / ENGINE_FILE).is_file():
+        weights = torch.load(ckpt / ENGINE_FILE, map_location="cpu", weights_only=True)["model"]
+    elif (ckpt / DEEPSPEED_TAG).is_dir():
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        full = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=DEEPSPEED_TAG)
+        weights = {k.removeprefix("model."): v for k, v in full.items()}
+    else:
+        raise FileNotFoundError(f"{ckpt}: neither {ENGINE_FILE} nor a DeepSpeed '{DEEPSPEED_TAG}' directory")
+    if args.tie_embeddings:
+        weights.pop("lm_head.weight", None)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{ckpt}: checkpoint does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model.to(device).eval(), state

@@ -1,0 +1,214 @@
+"""Faults: non-finite losses, kill -9 during a run and resume, config fuzzing through the CLI."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from megareweight.cli import main
+from megareweight.config import ConfigError, config_from_dict
+from megareweight.train import checkpoint as ckpt
+from megareweight.train.engine import PlainEngine
+from megareweight.train.loop import TrainingError, train
+from tests.conftest import tiny_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def poisoning_factory(bad_calls: set[int], rows: str = "first"):
+    """A plain engine whose loss sees NaN hidden states on the given forward calls (0-based)."""
+    calls = {"n": 0}
+
+    def factory(module, cfg):
+        inner = module.loss_fn
+
+        def loss_fn(hidden, weight, labels, **kw):
+            if module.training and calls["n"] in bad_calls:
+                poisoned = hidden.clone()
+                if rows == "first":
+                    poisoned[0] = float("nan")
+                else:
+                    poisoned[:] = float("nan")
+                hidden = poisoned
+            if module.training:
+                calls["n"] += 1
+            return inner(hidden, weight, labels, **kw)
+
+        module.loss_fn = loss_fn
+        return PlainEngine(module, cfg, torch.device("cpu"))
+
+    return factory
+
+
+def test_nonfinite_sample_is_dropped_and_step_skipped(prepared_dir, tmp_path):
+    cfg = tiny_config(prepared_dir, train={"max_steps": 6, "eval_interval": 0},
+                      reweight={"strategy": "linupper", "r": 0.5})
+    train(cfg, tmp_path / "run", engine_factory=poisoning_factory({2}), progress=False)
+    rows = _metrics(tmp_path / "run")
+    bad = rows[2]
+    assert bad["nonfinite_samples"] == 1
+    # the sample is out of the weighting: the other 3 share all the weight, all finite
+    assert 0 < bad["weight_min"] <= bad["weight_max"] < 1 and bad["weight_ess"] <= 3.0 + 1e-6
+    assert abs(sum(v for k, v in bad.items() if k.startswith("weight_share/")) - 1.0) < 1e-6
+    # its gradient was not finite, so the optimizer step was skipped and counted
+    assert bad["skipped_steps"] == 1 and rows[-1]["skipped_steps"] == 1
+    assert all(r["nonfinite_samples"] == 0 for i, r in enumerate(rows) if i != 2)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+
+
+def test_repeated_nonfinite_steps_stop_with_checkpoint(prepared_dir, tmp_path):
+    cfg = tiny_config(prepared_dir, train={"max_steps": 20, "eval_interval": 0, "max_nonfinite_steps": 3})
+    with pytest.raises(TrainingError, match="3 consecutive steps had only non-finite losses"):
+        train(cfg, tmp_path / "run", engine_factory=poisoning_factory(set(range(2, 20)), rows="all"), progress=False)
+    latest = ckpt.find_latest(tmp_path / "run" / "checkpoints")
+    assert latest is not None and ckpt.read_state(latest)["step"] == 5
+    # the checkpoint is usable: parameters are finite and a clean resume finishes the run
+    state = torch.load(latest / "engine.pt", weights_only=True)["model"]
+    assert all(torch.isfinite(t).all() for t in state.values())
+    result = train(cfg, tmp_path / "run", resume=True, progress=False)
+    assert result.steps == 20
+
+
+def _write_config(path: Path, prepared: Path, **sections) -> Path:
+    raw = {
+        "model": {"size": "tiny"},
+        "data": {"prepared": str(prepared), "seq_len": 32, "micro_batch_size": 4, "eval_sequences": 4},
+        "optim": {"lr": 0.01, "warmup_steps": 2},
+        "train": {"max_steps": 24, "eval_interval": 0, "checkpoint_interval": 3, "keep_checkpoints": 0},
+        "reweight": {"strategy": "linupper", "r": 0.4, "warmup_steps": 2},
+        "loss": {"impl": "chunked"},
+        "wandb": {"mode": "disabled"},
+    }
+    for section, values in sections.items():
+        raw[section].update(values)
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "megareweight.cli", *args]
+
+
+@pytest.mark.parametrize("kill_at", ["mid-run", "checkpoint-write"])
+def test_kill9_and_resume_equals_uninterrupted(prepared_dir, tmp_path, kill_at):
+    config = _write_config(tmp_path / "c.yaml", prepared_dir)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    full = tmp_path / "full"
+    subprocess.run(_cli("train", "--config", str(config), "--out", str(full), "--quiet"), check=True, env=env,
+                   timeout=300)
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_cli("train", "--config", str(config), "--out", str(run), "--quiet"), env=env,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            if kill_at == "checkpoint-write" and any((run / "checkpoints").glob(".tmp_step_0000000[6-9]")):
+                break
+            if kill_at == "mid-run" and (run / "metrics.jsonl").is_file() and \
+                    len((run / "metrics.jsonl").read_text().splitlines()) >= 8:
+                break
+            if proc.poll() is not None:
+                break
+            time.sleep(0.005)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    done_before = ckpt.find_latest(run / "checkpoints")
+    assert done_before is None or ckpt.read_state(done_before)["step"] < 24, "the run finished before the kill"
+    subprocess.run(_cli("train", "--config", str(config), "--out", str(run), "--resume", "--quiet"), check=True,
+                   env=env, timeout=300)
+    assert [r["loss"] for r in _metrics(run)] == [r["loss"] for r in _metrics(full)]
+    assert [r["step"] for r in _metrics(run)] == list(range(1, 25))
+
+
+def test_half_written_checkpoint_is_ignored(tmp_path):
+    root = tmp_path / "checkpoints"
+    ckpt.save_checkpoint(root, 3, {"step": 3}, lambda d: d.mkdir(parents=True))
+    (root / "step_00000006").mkdir()  # no COMPLETE marker: a crash mid-write
+    (root / "latest").write_text("step_00000006")
+    with pytest.warns(UserWarning, match="incomplete"):
+        assert ckpt.find_latest(root).name == "step_00000003"
+
+
+# --- config fuzzing: always a one-line error naming the key, exit code 2 --------------------------
+
+VALID = {
+    "model": {"size": "tiny"},
+    "data": {"seq_len": 16, "micro_batch_size": 2, "mixture": "uniform"},
+    "optim": {"lr": 0.01, "warmup_steps": 1, "grad_clip": 1.0},
+    "train": {"max_steps": 1, "eval_interval": 0},
+    "reweight": {"strategy": "linupper", "r": 0.4},
+    "wandb": {"mode": "disabled"},
+}
+junk = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),
+                 st.text(max_size=8), st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=4), st.integers(), max_size=2))
+
+
+@st.composite
+def broken_configs(draw):
+    raw = json.loads(json.dumps(VALID))
+    kind = draw(st.sampled_from(["wrong_value", "unknown_key", "negative", "mixture", "strategy"]))
+    section = draw(st.sampled_from(sorted(raw)))
+    if kind == "wrong_value":
+        key = draw(st.sampled_from(sorted(raw[section])))
+        raw[section][key] = draw(junk)
+        try:  # junk that happens to be valid (an int for micro_batch_size) is not a broken config
+            config_from_dict(raw)
+            assume(False)
+        except ConfigError:
+            pass
+        return raw, f"{section}.{key}"
+    if kind == "unknown_key":
+        key = draw(st.text("abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=10).filter(lambda k: k not in dir(object)))
+        if key in ("size", "seq_len", "micro_batch_size", "mixture", "lr", "warmup_steps", "grad_clip", "max_steps",
+                   "eval_interval", "strategy", "r", "mode"):
+            key += "_x"
+        raw[section][key] = 1
+        return raw, key
+    if kind == "negative":
+        key = draw(st.sampled_from(["data.seq_len", "data.micro_batch_size", "optim.lr", "train.max_steps", "reweight.r"]))
+        sec, name = key.split(".")
+        raw[sec][name] = -draw(st.integers(1, 1000))
+        return raw, key
+    if kind == "mixture":
+        raw["data"]["mixture"] = {"prose": draw(st.floats(0.01, 5.0)), "code": 0.5}
+        if abs(sum(raw["data"]["mixture"].values()) - 1) < 1e-6:
+            raw["data"]["mixture"]["code"] = 0.7
+        return raw, "data.mixture"
+    raw["reweight"]["strategy"] = draw(st.text(min_size=1, max_size=8).filter(
+        lambda s: s not in ("uniform", "linear", "linupper", "quadratic", "extremes")))
+    return raw, "reweight.strategy"
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=broken_configs())
+def test_fuzzed_configs_give_one_line_errors(case, tmp_path, capsys):
+    raw, key = case
+    path = tmp_path / "fuzz.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    code = main(["train", "--config", str(path), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err
+    assert len(err) == 1 and err[0].startswith("megareweight: error: ")
+    assert key in err[0], (key, err[0])
+
+
+def test_missing_prepared_data_is_a_clear_error(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({**VALID, "data": {"prepared": str(tmp_path / "nope")}}))
+    assert main(["train", "--config", str(path), "--out", str(tmp_path / "o")]) == 2
+    assert "manifest.json: not found (run `megareweight prepare` first)" in capsys.readouterr().err
