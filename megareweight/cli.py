@@ -73,6 +73,26 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from megareweight.export import export_hf
+
+    out = export_hf(args.checkpoint, args.out)
+    if not args.quiet:
+        print(f"Hugging Face LLaMA model written to {out} (load with LlamaForCausalLM.from_pretrained)")
+    return EXIT_OK
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from megareweight.evaluate import evaluate_checkpoint, format_table
+
+    results = evaluate_checkpoint(args.checkpoint, args.data, tokenizer=args.tokenizer, seq_len=args.seq_len,
+                                  batch_size=args.batch_size, max_tokens=args.max_tokens, progress=not args.quiet)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(results, indent=2))
+    print(json.dumps(results) if args.json else format_table(results))
+    return EXIT_OK
+
+
 def cmd_model_info(args: argparse.Namespace) -> int:
     from megareweight.model_info import model_info
 
@@ -151,6 +171,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+
+    p = command("export", cmd_export, "write a checkpoint as a Hugging Face LLaMA model (safetensors)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint, checkpoints/ or run directory")
+    p.add_argument("--out", required=True)
+    p.add_argument("--quiet", action="store_true")
+
+    p = command("eval", cmd_eval, "per-domain loss and perplexity of a checkpoint on JSONL text")
+    p.add_argument("--checkpoint", required=True, help="checkpoint, checkpoints/ or run directory")
+    p.add_argument("--data", required=True, help="a <domain>.jsonl[.xz|.gz] file or a directory of them")
+    p.add_argument("--tokenizer", default=None, help="SentencePiece model (default: the run's)")
+    p.add_argument("--seq-len", type=int, default=None, help="window length (default: the run's)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=1_000_000, help="per domain")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--json-out", default=None, help="also write the JSON to this file")
     p.add_argument("--quiet", action="store_true")
 
     from megareweight.mixing.cli import register as register_mix
