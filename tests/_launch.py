@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 SHM = Path("/dev/shm")
@@ -37,6 +37,8 @@ def launch_env() -> dict[str, str]:
         "OMP_NUM_THREADS": "1",
         "WANDB_MODE": "offline",
         "WANDB_SILENT": "true",
+        # The launch/ scripts call ``deepspeed`` from PATH: this interpreter's one.
+        "PATH": os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", ""))),
         "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p),
     })
     return env
@@ -47,7 +49,8 @@ def cleanup_shm(port: int) -> None:
         path.unlink(missing_ok=True)
 
 
-def run_group(commands: Sequence[Sequence[str]], port: int, timeout: float, log: Path) -> None:
+def run_group(commands: Sequence[Sequence[str]], port: int, timeout: float, log: Path,
+              extra_env: Optional[dict[str, str]] = None) -> None:
     """Run ``commands`` concurrently (each its own process group); all must exit 0.
 
     On timeout or any failure every group is killed; the shm buffers of ``port`` are always removed.
@@ -56,7 +59,7 @@ def run_group(commands: Sequence[Sequence[str]], port: int, timeout: float, log:
     try:
         with open(log, "w") as handle:
             for cmd in commands:
-                procs.append(subprocess.Popen(list(cmd), cwd=REPO, env=launch_env(), stdout=handle,
+                procs.append(subprocess.Popen(list(cmd), cwd=REPO, env={**launch_env(), **(extra_env or {})}, stdout=handle,
                                               stderr=subprocess.STDOUT, start_new_session=True))
             for proc in procs:
                 proc.wait(timeout=timeout)
