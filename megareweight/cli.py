@@ -102,7 +102,8 @@ def cmd_model_info(args: argparse.Namespace) -> int:
         print(json.dumps(info))
     else:
         for key, value in info.items():
-            print(f"{key:<32} {value:,}" if isinstance(value, int) else f"{key:<32} {value}")
+            numeric = isinstance(value, int) and not isinstance(value, bool)
+            print(f"{key:<32} {value:,}" if numeric else f"{key:<32} {value}")
     return EXIT_OK
 
 
