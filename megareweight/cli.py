@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("demo", cmd_demo, "the main job: corpus -> prepare -> uniform vs LinUpper -> report")
     p.add_argument("--out", required=True)
     p.add_argument("--corpus", default=None, help="use this corpus directory (built there if missing)")
-    p.add_argument("--seeds", type=int, default=2, help="seeds per method")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per method")
     p.add_argument("--steps", type=int, default=None, help="training steps per run (default: the demo config's)")
     p.add_argument("--quiet", action="store_true")
 

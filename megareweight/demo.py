@@ -182,7 +182,7 @@ def plot_curves(records: list[RunRecord], path: Path) -> None:
     plt.close(fig)
 
 
-def run_demo(out: Path, corpus: Optional[Path] = None, seeds: int = 2, steps: Optional[int] = None,
+def run_demo(out: Path, corpus: Optional[Path] = None, seeds: int = 3, steps: Optional[int] = None,
              progress: bool = True, vocab_size: int = VOCAB_SIZE) -> Path:
     """Run the whole demo; returns the path of ``report.md``."""
     if seeds < 1:

@@ -55,3 +55,12 @@ def test_file_errors(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="expected section.key=value"):
         load_config(None, ["optim.lr"])
+
+
+def test_shipped_configs_are_valid():
+    from importlib import resources
+
+    files = [p for p in resources.files("megareweight.configs").iterdir() if p.name.endswith(".yaml")]
+    assert len(files) >= 5
+    for path in files:
+        load_config(str(path))
