@@ -193,8 +193,29 @@ def test_fit_errors_exit_2(prepared_dir, tmp_path, capsys):
     _write_synthetic_evals(out, relative=lambda x: 1.0 + 0.01 * sum(x.values()))   # more data, higher loss
     assert main(["mix", "fit", str(out), "--no-plots"]) == 2
     assert "not decreasing" in capsys.readouterr().err
+    assert main(["mix", "fit", str(out), "--no-plots", "--hold-unfit"]) == 2    # no domain usable at all
+    assert "no domain could be fitted" in capsys.readouterr().err
     assert main(["mix", "fit", str(tmp_path / "nowhere")]) == 2
     assert "plan.json" in capsys.readouterr().err
+
+
+def test_fit_hold_unfit_keeps_flat_domain_at_base_amount(prepared_dir, tmp_path):
+    base = _base_yaml(prepared_dir, tmp_path, data={"mixture": "uniform"})
+    out = tmp_path / "plan"
+    wf.make_plan(base, 12288, out)
+
+    def numbers_hurts(x):   # more 'numbers' data raises the loss: no decreasing power law fits it
+        return _true_relative_loss({**x, "numbers": 1.0}) + 0.01 * (x["numbers"] - 1.0)
+
+    _write_synthetic_evals(out, relative=numbers_hurts)
+    with pytest.raises(wf.FitError, match="numbers"):
+        wf.fit_plan(out, plots=False)
+    fit = wf.fit_plan(out, plots=True, hold_unfit=True)
+    assert fit["held_domains"] == ["numbers"] and fit["curves"]["numbers"]["held"]
+    assert fit["optimal_x"]["numbers"] == pytest.approx(1.0)
+    assert fit["weights"]["numbers"] == pytest.approx(1 / 3)
+    assert sum(fit["weights"].values()) == pytest.approx(1.0)
+    assert any("held at the base amount" in w for w in fit["warnings"])
 
 
 # --- run ------------------------------------------------------------------------------------------

@@ -49,7 +49,8 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # recorded in fit.json and printed below
-        fit = fit_plan(args.dir, min_x=args.min_x, max_epochs=args.max_epochs, plots=not args.no_plots)
+        fit = fit_plan(args.dir, min_x=args.min_x, max_epochs=args.max_epochs, plots=not args.no_plots,
+                       hold_unfit=args.hold_unfit)
     if not args.quiet:
         for note in fit["warnings"]:
             print(f"[mix] warning: {note}")
@@ -57,8 +58,9 @@ def _cmd_fit(args: argparse.Namespace) -> int:
               f"{fit['predicted_objective']['base']:.4f} at the base -> {fit['predicted_objective']['optimal']:.4f}):")
         for d in fit["domains"]:
             c = fit["curves"][d]
-            print(f"  {d:<14} weight {fit['weights'][d]:.4f}  x* {fit['optimal_x'][d]:7.3f}   "
-                  f"fit (x{c['a']:+.3g})^-{c['b']:.3g} + {c['c']:.3g}")
+            curve = "held at the base amount (no usable fit)" if c.get("held") else \
+                f"fit (x{c['a']:+.3g})^-{c['b']:.3g} + {c['c']:.3g}"
+            print(f"  {d:<14} weight {fit['weights'][d]:.4f}  x* {fit['optimal_x'][d]:7.3f}   {curve}")
         print(f"[mix] wrote {args.dir}/fit.json, {args.dir}/weights.yaml" + ("" if args.no_plots else f", {args.dir}/fit*.png"))
     return 0
 
@@ -119,6 +121,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="lower bound on each domain's amount, as a multiple of the base run's (default 0.01)")
     p.add_argument("--max-epochs", type=float, default=DEFAULT_MAX_EPOCHS,
                    help=f"upper bound: at most this many passes over a domain's data (default {DEFAULT_MAX_EPOCHS:g})")
+    p.add_argument("--hold-unfit", action="store_true",
+                   help="keep domains whose runs show no loss decrease at their base amount instead of failing")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--quiet", action="store_true")
 

@@ -13,7 +13,9 @@ turns them into files on disk, so each stage can run on a different machine or d
     ``data.mixture`` = its normalised counts, ``data.train_domains`` = the base's domains, and
     ``train.max_steps = round(total / tokens_per_step)``. Step rounding changes the totals a
     little; ``plan.json`` records the planned and the actually trained (expected) tokens, and the
-    fit uses the actual ones.
+    fit uses the actual ones for the scaled domain. Rounding also moves the OTHER domains of a
+    perturbed run by up to half a step's worth of tokens; the fit ignores that (it assumes only
+    the scaled domain changed). Budgets whose runs are whole numbers of steps avoid it.
 ``run_plan``
     Trains the runs one after another; a run whose ``summary.json`` exists for the same config is
     skipped, an interrupted one resumes from its last checkpoint. Or lists the commands instead.
@@ -406,8 +408,13 @@ def solve_ddo_tokens(fits: Sequence[PowerLaw], unit_tokens: Sequence[float], bud
 
 
 def fit_plan(plan_dir: str | Path, *, min_x: float = DEFAULT_MIN_X, max_epochs: float = DEFAULT_MAX_EPOCHS,
-             plots: bool = True) -> dict[str, Any]:
+             plots: bool = True, hold_unfit: bool = False) -> dict[str, Any]:
     """Fit the per-domain curves from the finished runs, solve DDO, write ``fit.json`` + ``weights.yaml``.
+
+    A domain whose runs show no loss decrease as its data grows cannot be fitted (noise, or runs
+    too short for data to matter). By default that is a :class:`FitError`; with ``hold_unfit``
+    such domains are held at their base amount (``x = 1``) and DDO optimises the others; they are
+    listed under ``held_domains`` in ``fit.json`` and their ``curves`` entry has ``held: true``.
 
     Returns the content of ``fit.json``.
     """
@@ -441,18 +448,31 @@ def fit_plan(plan_dir: str | Path, *, min_x: float = DEFAULT_MIN_X, max_epochs: 
         xs.append([p[0] for p in pts])
         ys.append([p[1] for p in pts])
         used.append([p[2] for p in pts])
+    fits: list[PowerLaw] = []
+    held: dict[str, str] = {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", MixingWarning)
-        try:
-            fits = fit_domain_curves(xs, ys, names=domains)
-        except FitError as exc:
-            raise FitError(f"{exc} (relative losses; the runs may be too short or too noisy to show "
-                           "a data effect: raise the budget or widen the factors)") from None
+        for i, d in enumerate(domains):
+            try:
+                fits.append(fit_domain_curves([xs[i]], [ys[i]], names=[d])[0])
+            except FitError as exc:
+                if not hold_unfit:
+                    raise FitError(f"{exc} (relative losses; the runs may be too short or too noisy to show "
+                                   "a data effect: raise the budget or widen the factors, or pass --hold-unfit "
+                                   "to keep such domains at their base amount)") from None
+                held[d] = str(exc)
+                fits.append(PowerLaw(0.0, 1.0, 0.0))       # placeholder; the domain is pinned at x = 1
     fit_warnings = [str(w.message) for w in caught if issubclass(w.category, MixingWarning)]
+    fit_warnings += [f"held at the base amount (no usable fit): {msg}" for msg in held.values()]
+    if len(held) == len(domains):
+        raise FitError("no domain could be fitted: " + "; ".join(held.values()))
     available = np.array([plan["available_tokens"][d] for d in domains], dtype=float)
     upper = max_epochs * available / base_dom
+    pinned = np.array([d in held for d in domains])
+    lower = np.where(pinned, 1.0, min_x)
+    upper = np.where(pinned, 1.0, upper)
     budget_actual = float(base_dom.sum())
-    x_opt = solve_ddo_tokens(fits, base_dom, budget_actual, lower=min_x, upper=upper)
+    x_opt = solve_ddo_tokens(fits, base_dom, budget_actual, lower=lower, upper=upper)
     counts = x_opt * base_dom
     budget = float(plan["budget_tokens"])
     counts = counts * (budget / counts.sum())
@@ -471,14 +491,19 @@ def fit_plan(plan_dir: str | Path, *, min_x: float = DEFAULT_MIN_X, max_epochs: 
         "available_tokens": plan["available_tokens"],
         "bounds": {"min_x": min_x, "max_epochs": max_epochs,
                    "upper_x": {d: float(u) for d, u in zip(domains, upper)}},
-        "curves": {d: {"a": f.a, "b": f.b, "c": f.c, "x": xs[i], "relative_loss": ys[i],
-                       "runs": used[i], "residuals": list(f.residuals), "rmse": f.rmse}
+        "curves": {d: ({"held": True, "error": held[d], "x": xs[i], "relative_loss": ys[i], "runs": used[i]}
+                       if d in held else
+                       {"a": f.a, "b": f.b, "c": f.c, "x": xs[i], "relative_loss": ys[i],
+                        "runs": used[i], "residuals": list(f.residuals), "rmse": f.rmse})
                    for i, (d, f) in enumerate(zip(domains, fits))},
+        "held_domains": sorted(held),
         "warnings": fit_warnings,
         "optimal_x": {d: float(v) for d, v in zip(domains, x_opt)},
         "optimal_tokens": {d: float(v) for d, v in zip(domains, counts)},
         "weights": {d: float(v) for d, v in zip(domains, weights)},
-        "predicted_objective": {"base": ddo_objective(fits, x_base), "optimal": ddo_objective(fits, x_opt)},
+        "predicted_objective": {  # sum of the fitted domains' terms (x + a)^(-b); held domains excluded
+            "base": ddo_objective([f for f, p in zip(fits, pinned) if not p], x_base[~pinned]),
+            "optimal": ddo_objective([f for f, p in zip(fits, pinned) if not p], x_opt[~pinned])},
         "runs": {r["name"]: {"relative_loss": losses[r["name"]] / base_loss, "loss": losses[r["name"]],
                              "tokens": r["tokens"], "out": r["out"]} for r in runs},
     }
@@ -503,13 +528,16 @@ def plot_fit(fit: dict[str, Any], out_dir: Path) -> list[Path]:
 
     def draw(ax, d: str) -> None:
         c = fit["curves"][d]
-        law = PowerLaw(c["a"], c["b"], c["c"])
         xs = np.asarray(c["x"])
         x_opt = fit["optimal_x"][d]
-        hi = max(xs.max(), x_opt) * 1.3
-        lo = max(min(xs.min(), x_opt) * 0.5, -c["a"] + 1e-3, 1e-3)
-        grid = np.geomspace(lo, hi, 200)
-        ax.plot(grid, law(grid), color="tab:blue", label=f"(x{c['a']:+.3g})^-{c['b']:.3g} + {c['c']:.3g}")
+        if c.get("held"):
+            ax.text(0.5, 0.9, "no usable fit: held at x = 1", transform=ax.transAxes, ha="center", fontsize=8)
+        else:
+            law = PowerLaw(c["a"], c["b"], c["c"])
+            hi = max(xs.max(), x_opt) * 1.3
+            lo = max(min(xs.min(), x_opt) * 0.5, -c["a"] + 1e-3, 1e-3)
+            grid = np.geomspace(lo, hi, 200)
+            ax.plot(grid, law(grid), color="tab:blue", label=f"(x{c['a']:+.3g})^-{c['b']:.3g} + {c['c']:.3g}")
         ax.scatter(xs, c["relative_loss"], color="black", zorder=3, label="runs")
         ax.axvline(x_opt, color="tab:red", ls="--", label=f"DDO optimum x={x_opt:.3g}")
         ax.set_xscale("log")
