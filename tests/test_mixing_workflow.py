@@ -238,7 +238,18 @@ def test_mix_run_trains_then_skips_finished_runs(prepared_dir, tmp_path, capsys)
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
+    # a run saved before a config field existed (the key is missing from its config.yaml) still counts
+    saved = out / plan["runs"][0]["out"] / "config.yaml"
+    raw = yaml.safe_load(saved.read_text())
+    del raw["train"]["log_interval"]
+    saved.write_text(yaml.safe_dump(raw))
     assert wf.run_plan(out, progress=False, train_fn=no_training) == {r["name"]: "skipped" for r in plan["runs"]}
+    raw["optim"]["lr"] = 0.5                                       # a different config is refused
+    saved.write_text(yaml.safe_dump(raw))
+    with pytest.raises(wf.WorkflowError, match="different config"):
+        wf.run_plan(out, progress=False, train_fn=no_training)
+    raw["optim"]["lr"] = 0.01
+    saved.write_text(yaml.safe_dump(raw))
     assert main(["mix", "run", str(out)]) == 0
     assert "0 run(s) trained, 5 skipped" in capsys.readouterr().out
 

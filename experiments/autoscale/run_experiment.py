@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 
@@ -68,7 +67,7 @@ def train_if_needed(raw: dict, out_dir: Path) -> None:
 
     cfg = config_from_dict(raw)
     if (out_dir / "summary.json").is_file() and (out_dir / "config.yaml").is_file():
-        if yaml.safe_load((out_dir / "config.yaml").read_text()) == yaml.safe_load(yaml.safe_dump(cfg.to_dict())):
+        if wf._same_config(out_dir / "config.yaml", cfg):
             print(f"[exp] {out_dir.name}: finished earlier, reusing", flush=True)
             return
     print(f"[exp] training {out_dir.name}: {cfg.train.max_steps} steps", flush=True)

@@ -256,10 +256,12 @@ def load_plan(plan_dir: str | Path) -> dict[str, Any]:
 
 # --- run ------------------------------------------------------------------------------------------
 
-def _same_config(a: Path, cfg: ExperimentConfig) -> bool:
+def _same_config(path: Path, cfg: ExperimentConfig) -> bool:
+    """Whether the config a run saved equals ``cfg`` (both with defaults filled in, so a field added
+    to the config schema later does not make finished runs look different)."""
     try:
-        return yaml.safe_load(a.read_text()) == yaml.safe_load(yaml.safe_dump(cfg.to_dict()))
-    except (OSError, yaml.YAMLError):
+        return load_config(path).to_dict() == cfg.to_dict()
+    except ValueError:  # ConfigError (e.g. a key that no longer exists) or unreadable YAML
         return False
 
 
