@@ -25,7 +25,7 @@ $(VENV)/.installed: setup.py
 	touch $@
 
 test: install
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=10 tests
 
 demo: install
 	$(BIN)/megareweight demo --corpus $(CORPUS) --out runs/demo

@@ -290,16 +290,6 @@ class DeepSpeedEngine:
         for group, saved in zip(self.engine.optimizer.param_groups, groups):
             group.update({k: v for k, v in saved.items() if k != "lr"})
 
-    def model_state_dict(self) -> Optional[dict[str, torch.Tensor]]:
-        """Full fp32 weights on rank 0 (gathered; None elsewhere under ZeRO-3)."""
-        if self.stage < 3:
-            return self.module.model.state_dict()
-        state = self.engine._zero3_consolidated_16bit_state_dict()
-        if state is None:
-            return None
-        prefix = "model."
-        return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-
 
 def _convert_to_universal(source: Path, target: Path) -> None:
     """``python -m deepspeed.checkpoint.ds_to_universal`` in-process (one conversion per checkpoint)."""

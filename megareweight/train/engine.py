@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -94,6 +93,3 @@ class PlainEngine:
 
     def barrier(self) -> None:
         pass
-
-    def model_state_dict(self) -> Optional[dict[str, torch.Tensor]]:
-        return self.module.model.state_dict()
