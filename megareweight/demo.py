@@ -97,7 +97,6 @@ class RunRecord:
 
 def _run(cfg: ExperimentConfig, out_dir: Path, progress: bool) -> None:
     """Train unless a finished run with the same config is already there (the demo is resumable)."""
-    from megareweight.config import dump_config
     from megareweight.train.loop import train
 
     summary = out_dir / "summary.json"

@@ -12,7 +12,7 @@ import torch
 
 from megareweight.data.corpus import CorpusError, iter_documents, list_domains
 from megareweight.data.mixture import MixtureSampler, validation_batches
-from megareweight.data.shards import PreparedData, ShardError, TokenShard, verify_prepared
+from megareweight.data.shards import PreparedData, ShardError, verify_prepared
 from megareweight.data.tokenizer import Tokenizer
 
 
