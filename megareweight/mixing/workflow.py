@@ -521,6 +521,7 @@ def fit_plan(plan_dir: str | Path, *, min_x: float = DEFAULT_MIN_X, max_epochs: 
 def plot_fit(fit: dict[str, Any], out_dir: Path) -> list[Path]:
     """One PNG per domain (``fit_<domain>.png``: points, fitted curve, optimum) and ``fit.png`` (all)."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -543,6 +544,7 @@ def plot_fit(fit: dict[str, Any], out_dir: Path) -> list[Path]:
         ax.scatter(xs, c["relative_loss"], color="black", zorder=3, label="runs")
         ax.axvline(x_opt, color="tab:red", ls="--", label=f"DDO optimum x={x_opt:.3g}")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_title(d)
         ax.set_xlabel("x = domain tokens / base run's")
         ax.set_ylabel("val loss / base run's")
