@@ -28,9 +28,9 @@ import numpy as np
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-from megareweight.config import config_from_dict, dump_config  # noqa: E402
-from megareweight.data.shards import PreparedData  # noqa: E402
-from megareweight.mixing import workflow as wf  # noqa: E402
+from megareweight.config import config_from_dict, dump_config
+from megareweight.data.shards import PreparedData
+from megareweight.mixing import workflow as wf
 
 CORPUS = Path("/work/shared/corpus")
 METHODS = ("uniform", "natural", "autoscale", "autoscale+linupper")

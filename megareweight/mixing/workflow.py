@@ -46,7 +46,6 @@ import json
 import math
 import shlex
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -599,9 +598,8 @@ def extrapolate_fits(small: dict[str, Any] | str | Path, large: dict[str, Any] |
     f1 = small if isinstance(small, dict) else load_fit(small)
     f2 = large if isinstance(large, dict) else load_fit(large)
     target = parse_tokens(target_tokens, "--target")
-    if list(f1["domains"]) != list(f2["domains"]):
-        if sorted(f1["domains"]) != sorted(f2["domains"]):
-            raise WorkflowError(f"the two fits have different domains: {f1['domains']} vs {f2['domains']}")
+    if sorted(f1["domains"]) != sorted(f2["domains"]):     # the order may differ: matched by name
+        raise WorkflowError(f"the two fits have different domains: {f1['domains']} vs {f2['domains']}")
     domains = list(f1["domains"])
     b1, b2 = float(f1["budget_tokens"]), float(f2["budget_tokens"])
     if b1 >= b2:
