@@ -20,6 +20,10 @@ there). Every ``x_i(lambda)`` is non-increasing in ``lambda``, so the budget equ
 Newton-like correction puts the total on ``B`` to rounding error. AutoScale's notebook fixed
 negative solutions by hand; here the bounds are part of the problem.
 
+With per-domain costs ``c_i`` (e.g. tokens per unit of ``x_i`` when the budget is in tokens and
+the base mixture is not uniform) the constraint is ``sum_i c_i x_i = B`` and the same argument
+gives ``x_i(lambda) = (lambda c_i / b_i)^(-1/(b_i + 1)) - a_i``.
+
 Upper bounds model data availability: a domain with ``D_i`` tokens that may be repeated at most
 ``E`` times, measured in multiples of the base run's ``n_i`` tokens, has ``upper_i = E * D_i / n_i``.
 """
@@ -60,13 +64,15 @@ def ddo_objective(fits: Sequence[PowerLaw], x: ArrayLike) -> float:
     return float(np.sum(xa ** (-b)))
 
 
-def _allocation(log_lam: float, a: np.ndarray, b: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+def _allocation(log_lam: float, a: np.ndarray, b: np.ndarray, log_c: np.ndarray, lo: np.ndarray,
+                hi: np.ndarray) -> np.ndarray:
     with np.errstate(over="ignore"):
-        x = np.exp(-(log_lam - np.log(b)) / (b + 1.0)) - a
+        x = np.exp(-(log_lam + log_c - np.log(b)) / (b + 1.0)) - a
     return np.clip(x, lo, hi)
 
 
-def solve_ddo(fits: Sequence[PowerLaw], budget: float, lower: Bound = None, upper: Bound = None) -> np.ndarray:
+def solve_ddo(fits: Sequence[PowerLaw], budget: float, lower: Bound = None, upper: Bound = None,
+              costs: Bound = None) -> np.ndarray:
     """Optimal per-domain data amounts ``x`` for the fitted curves at ``budget`` (DDO, AutoScale).
 
     ``lower`` defaults to 0 and ``upper`` to +inf; both may be scalars or per-domain sequences.
@@ -77,12 +83,18 @@ def solve_ddo(fits: Sequence[PowerLaw], budget: float, lower: Bound = None, uppe
     Raises :class:`InfeasibleError` when ``sum(lower) > budget`` or ``sum(upper) < budget`` (taking
     ``-a_i`` as the effective floor where larger), and :class:`MixingError` (both are
     ``ValueError``) when ``lower > upper`` somewhere or the inputs are malformed.
+
+    ``costs`` (default 1) weighs each domain in the budget: ``sum_i costs_i * x_i == budget``.
     """
     a, b = _params(fits)
     m = a.size
     B = positive_scalar("budget", budget)
     lo = broadcast_bound("lower", lower, m, 0.0)
     hi = broadcast_bound("upper", upper, m, np.inf)
+    c = broadcast_bound("costs", costs, m, 1.0)
+    if not np.all(np.isfinite(c)) or (c <= 0).any():
+        raise MixingError(f"costs must be finite and > 0, got {c.tolist()}")
+    log_c = np.log(c)
     if np.isinf(lo).any():
         raise MixingError("lower bounds must be finite")
     if (hi == -np.inf).any():
@@ -95,7 +107,7 @@ def solve_ddo(fits: Sequence[PowerLaw], budget: float, lower: Bound = None, uppe
         raise InfeasibleError(f"upper bound <= -a for domains {bad}: their loss term is infinite everywhere allowed")
     floor = np.maximum(lo, -a)          # infimum of each domain's reachable amounts
     open_floor = lo <= -a               # that infimum is not attained
-    total_floor, total_cap = float(floor.sum()), float(hi.sum())
+    total_floor, total_cap = float((c * floor).sum()), float((c * hi).sum())
     tol = 1e-12 * max(B, 1.0)
     if total_floor > B + tol or (open_floor.any() and total_floor >= B):
         raise InfeasibleError(f"budget {B:.6g} is below the smallest feasible total {total_floor:.6g} "
@@ -109,7 +121,7 @@ def solve_ddo(fits: Sequence[PowerLaw], budget: float, lower: Bound = None, uppe
         return lo.copy()
 
     def total(u: float) -> float:
-        return float(_allocation(u, a, b, lo, hi).sum())
+        return float((c * _allocation(u, a, b, log_c, lo, hi)).sum())
 
     # Bracket the multiplier: total(u) is non-increasing in u = log(lambda).
     u_lo, u_hi, step = 0.0, 0.0, 1.0
@@ -132,10 +144,10 @@ def solve_ddo(fits: Sequence[PowerLaw], budget: float, lower: Bound = None, uppe
             u_lo = mid
         else:
             u_hi = mid
-    x = _allocation(0.5 * (u_lo + u_hi), a, b, lo, hi)
+    x = _allocation(0.5 * (u_lo + u_hi), a, b, log_c, lo, hi)
     # Polish: spread the leftover over movable coordinates in proportion to dx/dlog(lambda).
     for _ in range(8):
-        gap = B - float(x.sum())
+        gap = B - float((c * x).sum())
         if abs(gap) <= 1e-15 * B:
             break
         movable = (x < hi) if gap > 0 else (x > floor)
@@ -144,5 +156,5 @@ def solve_ddo(fits: Sequence[PowerLaw], budget: float, lower: Bound = None, uppe
         sens = np.where(movable, (x + a) / (b + 1.0), 0.0)
         if sens.sum() <= 0:
             sens = movable.astype(float)
-        x = np.clip(x + gap * sens / sens.sum(), lo, hi)
+        x = np.clip(x + gap * sens / (c * sens).sum(), lo, hi)
     return x

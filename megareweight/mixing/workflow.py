@@ -54,7 +54,7 @@ import yaml
 
 from megareweight.config import ExperimentConfig, config_from_dict, dump_config, load_config
 from megareweight.mixing.ddo import ddo_objective, solve_ddo
-from megareweight.mixing.errors import FitError, InfeasibleError, MixingError, MixingWarning
+from megareweight.mixing.errors import FitError, MixingError, MixingWarning
 from megareweight.mixing.extrapolate import DEFAULT_MAX_EPOCHS, extrapolate_to
 from megareweight.mixing.powerlaw import PowerLaw, fit_domain_curves
 
@@ -350,62 +350,13 @@ def solve_ddo_tokens(fits: Sequence[PowerLaw], unit_tokens: Sequence[float], bud
     """DDO when the budget is in tokens and ``x_i`` in units of ``unit_tokens[i]``.
 
     Minimises ``sum_i (x_i + a_i)^(-b_i)`` subject to ``sum_i n_i x_i = budget_tokens`` and
-    ``lower <= x <= upper``. With equal ``n_i`` this is :func:`solve_ddo` at budget
-    ``budget_tokens / n`` (AutoScale's ``sum x = m`` for a uniform base), which is used then. With
-    unequal ``n_i`` the KKT conditions of the same convex problem give
-    ``x_i(lambda) = (lambda n_i / b_i)^(-1/(b_i+1)) - a_i`` clipped to the bounds; the total
-    ``sum_i n_i x_i(lambda)`` falls with ``lambda``, so bisection on ``log(lambda)`` finds it.
+    ``lower <= x <= upper``: :func:`solve_ddo` with costs ``n_i``. With equal ``n_i`` this is
+    AutoScale's ``sum x = m`` for a uniform base.
     """
     n = np.asarray(unit_tokens, dtype=float)
     if n.shape != (len(fits),) or not np.all(np.isfinite(n)) or (n <= 0).any():
         raise MixingError(f"unit_tokens must hold one positive count per fit, got {n.tolist()}")
-    if np.allclose(n, n[0], rtol=1e-12, atol=0):
-        return solve_ddo(fits, budget_tokens / n[0], lower, upper)
-    a = np.array([f.a for f in fits], dtype=float)
-    b = np.array([f.b for f in fits], dtype=float)
-    if (b <= 0).any():
-        raise MixingError(f"every fit needs b > 0; b <= 0 for domains {np.flatnonzero(b <= 0).tolist()}")
-    lo = np.broadcast_to(np.asarray(0.0 if lower is None else lower, dtype=float), n.shape).copy()
-    hi = np.broadcast_to(np.asarray(np.inf if upper is None else upper, dtype=float), n.shape).copy()
-    if (lo > hi).any():
-        raise MixingError(f"lower > upper for domains {np.flatnonzero(lo > hi).tolist()}")
-    B = float(budget_tokens)
-    floor = np.maximum(lo, -a)
-    if float((n * floor).sum()) >= B:
-        raise InfeasibleError(f"budget {B:.6g} tokens is below the smallest feasible total {(n * floor).sum():.6g}")
-    if float((n * hi).sum()) < B:
-        raise InfeasibleError(f"budget {B:.6g} tokens exceeds what the upper bounds allow ({(n * hi).sum():.6g})")
-
-    def alloc(u: float) -> np.ndarray:
-        with np.errstate(over="ignore"):
-            x = np.exp(-(u + np.log(n) - np.log(b)) / (b + 1.0)) - a
-        return np.clip(x, lo, hi)
-
-    def total(u: float) -> float:
-        return float((n * alloc(u)).sum())
-
-    u_lo, u_hi, step = 0.0, 0.0, 1.0
-    while total(u_lo) < B:
-        u_lo -= step
-        step *= 2
-    step = 1.0
-    while total(u_hi) > B:
-        u_hi += step
-        step *= 2
-    for _ in range(300):
-        mid = 0.5 * (u_lo + u_hi)
-        if mid <= u_lo or mid >= u_hi:
-            break
-        if total(mid) > B:
-            u_lo = mid
-        else:
-            u_hi = mid
-    x = alloc(0.5 * (u_lo + u_hi))
-    gap = B - float((n * x).sum())           # bisection leaves ~1e-15 relative; put it on free coordinates
-    free = (x > lo) & (x < hi)
-    if free.any() and gap != 0:
-        x[free] += gap * (n[free] / (n[free] ** 2).sum())
-    return x
+    return solve_ddo(fits, budget_tokens, lower, upper, costs=n)
 
 
 def fit_plan(plan_dir: str | Path, *, min_x: float = DEFAULT_MIN_X, max_epochs: float = DEFAULT_MAX_EPOCHS,
