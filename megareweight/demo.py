@@ -146,7 +146,10 @@ def report_table(records: list[RunRecord]) -> str:
         (um, us), (lm, ls) = _mean_std(u), _mean_std(l)
         diffs = [b - a for a, b in zip(u, l)]
         dm, ds = _mean_std(diffs)
-        better = "linupper" if dm < 0 else "uniform" if dm > 0 else "tie"
+        if len(diffs) > 1 and abs(dm) <= ds:
+            better = "neither (within 1 sd)"
+        else:
+            better = "linupper" if dm < 0 else "uniform" if dm > 0 else "tie"
         name = f"**{domain}**" if domain == "average" else domain
         lines.append(f"| {name} | {kind} | {um:.4f} ± {us:.4f} | {lm:.4f} ± {ls:.4f} | {dm:+.4f} ± {ds:.4f} | {better} |")
     return "\n".join(lines)
@@ -209,20 +212,20 @@ def run_demo(out: Path, corpus: Optional[Path] = None, seeds: int = 3, steps: Op
 
 Same model, data order and initialisation per seed; only the instance weights differ
 (LinUpper, r = {cfg.reweight.r}, {cfg.reweight.warmup_steps} uniform warm-up steps).
-Model `{cfg.model.size}`, sequence length {cfg.data.seq_len}, global batch {cfg.data.micro_batch_size},
+Model `{cfg.model.size}`, sequence length {cfg.data.seq_len}, global batch {cfg.data.micro_batch_size} sequences,
 {r0.tokens:,} training tokens per run, {seeds} seed(s) per method.
 Trained on: {', '.join(r0.trained)}. Held out (never trained on): {', '.join(r0.heldout) or 'none'}.
 
 Final validation loss (nats/token, mean ± std over seeds; the difference is paired by seed;
-lower is better):
+lower is better; "within 1 sd" when the mean paired difference is smaller than its spread):
 
 {table}
 
-Wall time: {total:.0f} s in total; per run {', '.join(f'{r.method}/seed{r.seed} {r.seconds:.0f} s' for r in records)}.
+Wall time of this invocation: {total:.0f} s (finished runs are reused). Training time per run: {', '.join(f'{r.method}/seed{r.seed} {r.seconds:.0f} s' for r in records)}.
 Curves: `report.png`. Per-step metrics: `runs/*/metrics.jsonl`; wandb offline runs: `runs/*/wandb`.
 
-At this scale expect LinUpper to lose a little in-domain loss on the easiest domains it
-down-weights; the seed paper's claim concerns generalisation, so read the held-out rows too.
+LinUpper down-weights the samples with the lowest loss, so in-domain loss on the easiest domains
+can rise; the seed paper's claim concerns generalisation, so read the held-out rows too.
 Produced by `megareweight demo --out {out}` (`make demo`).
 """
     (out / "report.md").write_text(text)

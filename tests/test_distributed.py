@@ -157,3 +157,22 @@ def test_ds_config_auto_is_filled_and_contradictions_are_errors(prepared_dir: Pa
         resolve_ds_config({**base, "scheduler": {"type": "WarmupLR"}}, cfg, 2)
     explicit = resolve_ds_config({**base, "train_micro_batch_size_per_gpu": 4, "gradient_clipping": 1}, cfg, 2)
     assert explicit["train_batch_size"] == 24
+
+
+def test_export_from_zero3_checkpoint_matches_one_process(linupper_run, tmp_path: Path) -> None:
+    """The 2-rank ZeRO-3 checkpoint consolidates, exports to Hugging Face, and gives the logits of
+    the same training done in one process."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from megareweight.checkpoint_io import load_model
+    from megareweight.cli import main
+
+    config, out = linupper_run
+    assert main(["export", "--checkpoint", str(out), "--out", str(tmp_path / "hf"), "--quiet"]) == 0
+    hf = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "hf"), torch_dtype=torch.float32).eval()
+    plain_reference(config, tmp_path / "plain")
+    reference, _ = load_model(tmp_path / "plain")
+    ids = torch.randint(0, reference.args.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        np.testing.assert_allclose(hf(ids).logits.numpy(), reference.logits(ids).numpy(), rtol=1e-3, atol=1e-3)
