@@ -63,7 +63,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from megareweight.data.shards import verify_prepared
 
-    problems = verify_prepared(args.dir)
+    problems = verify_prepared(args.dir, progress=not args.quiet)
     for problem in problems:
         print(f"CORRUPT {problem}")
     if problems:

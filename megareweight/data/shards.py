@@ -172,27 +172,29 @@ class PreparedData:
         return {d: self.shard(split, d) for d in (domains or self.domains)}
 
 
-def verify_prepared(root: str | Path) -> list[str]:
+def verify_prepared(root: str | Path, progress: bool = False) -> list[str]:
     """Full check of a prepared directory: structure, SHA-256 of every file, token ids < vocab.
 
     Returns a list of problems (empty when everything is intact); each names the file.
     """
+    from tqdm import tqdm
+
     data = PreparedData.open(root)
     problems: list[str] = []
-    for domain in data.domains:
-        for split in SPLITS:
-            entry = data.manifest["domains"][domain][split]
-            bin_path = data.root / split / entry["bin"]
-            try:
-                shard = TokenShard.open(bin_path, data.dtype, entry)
-            except ShardError as exc:
-                problems.append(str(exc))
-                continue
-            for path, key in ((bin_path, "bin_sha256"), (bin_path.with_suffix(".idx"), "idx_sha256")):
-                if sha256_file(path) != entry[key]:
-                    problems.append(f"{path}: SHA-256 differs from the manifest (corrupted or modified)")
-            if shard.num_tokens and int(shard.tokens.max()) >= data.vocab_size:
-                problems.append(f"{bin_path}: token id {int(shard.tokens.max())} >= vocab size {data.vocab_size}")
+    pairs = [(d, s) for d in data.domains for s in SPLITS]
+    for domain, split in tqdm(pairs, desc="verify", unit="shard", disable=not progress, leave=False):
+        entry = data.manifest["domains"][domain][split]
+        bin_path = data.root / split / entry["bin"]
+        try:
+            shard = TokenShard.open(bin_path, data.dtype, entry)
+        except ShardError as exc:
+            problems.append(str(exc))
+            continue
+        for path, key in ((bin_path, "bin_sha256"), (bin_path.with_suffix(".idx"), "idx_sha256")):
+            if sha256_file(path) != entry[key]:
+                problems.append(f"{path}: SHA-256 differs from the manifest (corrupted or modified)")
+        if shard.num_tokens and int(shard.tokens.max()) >= data.vocab_size:
+            problems.append(f"{bin_path}: token id {int(shard.tokens.max())} >= vocab size {data.vocab_size}")
     tok = data.tokenizer_path
     if not tok.is_file():
         problems.append(f"{tok}: tokenizer model missing")
