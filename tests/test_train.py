@@ -65,7 +65,8 @@ def test_resume_reproduces_the_uninterrupted_run(prepared_dir, tmp_path):
 
 
 def test_wandb_offline_values_read_back(prepared_dir, tmp_path):
-    cfg = tiny_config(prepared_dir, wandb={"mode": "offline"}, train={"max_steps": 6, "eval_interval": 3},
+    cfg = tiny_config(prepared_dir, wandb={"mode": "offline"},
+                      train={"max_steps": 6, "eval_interval": 3, "histogram_interval": 2},
                       reweight={"strategy": "linupper"})
     train(cfg, tmp_path / "run", progress=False)
     history = read_history(find_run_file(tmp_path / "run" / "wandb"))
@@ -75,6 +76,11 @@ def test_wandb_offline_values_read_back(prepared_dir, tmp_path):
         assert logged[row["step"]]["train/weight_max"] == pytest.approx(row["weight_max"])
     evals = [row for row in history if "eval/loss/prose" in row]
     assert [row["_step"] for row in evals] == [3, 6]
+    hists = [row for row in history if "train/weight_hist/values" in row]  # nested keys come joined
+    assert [row["_step"] for row in hists] == [2, 4, 6]
+    assert hists[0]["train/weight_hist/_type"] == "histogram"
+    assert sum(hists[0]["train/weight_hist/values"]) == 4  # one count per sample of the batch
+    assert "train/mixture/prose" in logged[1] and "train/weight_share/code" in logged[1]
 
 
 def test_cli_bad_config_is_one_line_exit_2(prepared_dir, tmp_path, capsys):
