@@ -150,8 +150,7 @@ def train(
     start_time = time.time()
     data = PreparedData.open(cfg.data.prepared)
     plan = plan_domains(cfg, data)
-    schedule = ReweightSchedule(cfg.reweight.strategy, cfg.reweight.r, cfg.reweight.delta,
-                                cfg.reweight.warmup_steps, cfg.reweight.warmup_mode, cfg.reweight.warmup_r)
+    schedule = ReweightSchedule(**dataclasses.asdict(cfg.reweight))
 
     torch.manual_seed(cfg.train.seed)
     args = model_args(cfg.model.size, vocab_size=data.vocab_size, tie_embeddings=cfg.model.tie_embeddings)
