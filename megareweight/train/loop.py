@@ -23,9 +23,10 @@ from megareweight.config import ExperimentConfig, dump_config
 from megareweight.data.mixture import MixtureSampler, validation_batches
 from megareweight.data.shards import PreparedData
 from megareweight.model import build_model, model_args
-from megareweight.reweighting import ReweightSchedule, weight_statistics
+from megareweight.reweighting import ReweightSchedule
 from megareweight.train import checkpoint as ckpt
 from megareweight.train.distributed import all_reduce_sum
+from megareweight.train.step_stats import StepStats
 from megareweight.train.lr import lr_at
 from megareweight.train.metrics import MetricsLogger
 from megareweight.train.objective import ReweightedLM
@@ -198,7 +199,6 @@ def train(
         if is_main:
             ckpt.prune(ckpt_root, cfg.train.keep_checkpoints)
 
-    n_dom = len(plan.train)
     bar = tqdm(total=cfg.train.max_steps, initial=start_step, desc="train", disable=not (is_main and progress),
                dynamic_ncols=True)
     last_eval: dict[str, float] = {}
@@ -207,29 +207,14 @@ def train(
         t0 = time.time()
         lr = lr_at(step, cfg.optim.lr, cfg.optim.warmup_steps, cfg.train.max_steps, cfg.optim.min_lr_ratio)
         strategy, r = schedule.at(step)
-        # [sum of loss per domain | valid samples per domain | weight share per domain | non-finite]
-        acc = torch.zeros(3 * n_dom + 1, dtype=torch.float64)
-        stats_acc: dict[str, float] = {"min": 0.0, "max": 0.0, "entropy": 0.0, "ess": 0.0}
+        stats = StepStats(plan.train, engine.rank, accum)
         for _ in range(accum):
             batch = sampler.next_batch()
             out_ = engine.forward(batch, strategy, r)
             engine.backward(out_.loss)
-            losses = out_.per_sample_loss.detach().double().cpu()
-            dom = batch["domain_ids"]
-            ok = torch.isfinite(losses)
-            lo = engine.rank * dom.shape[0]
-            local_w = out_.weights[lo : lo + dom.shape[0]].detach().double().cpu()
-            acc[:n_dom].index_add_(0, dom, torch.where(ok, losses, torch.zeros_like(losses)))
-            acc[n_dom : 2 * n_dom].index_add_(0, dom, ok.double())
-            acc[2 * n_dom : 3 * n_dom].index_add_(0, dom, local_w)
-            acc[-1] += (~ok).sum()
-            # Valid samples are exactly those with a positive weight (softmax never yields 0).
-            stats = weight_statistics(out_.weights, out_.weights > 0)
-            for k in stats_acc:
-                stats_acc[k] += float(stats[k]) / accum
-        acc = all_reduce_sum(acc.to(engine.device)).cpu()
-        valid_total = float(acc[n_dom : 2 * n_dom].sum())
-        if valid_total == 0:
+            stats.add(out_, batch["domain_ids"])
+        stats.all_reduce(engine.device)
+        if stats.valid_samples == 0:
             engine.skip_step()
             streak += 1
             skipped += 1
@@ -248,25 +233,17 @@ def train(
                 f"stopped, checkpoint saved in {ckpt_root}. Lower optim.lr or check the data."
             )
         step_done = step + 1
-        per_domain = {d: float(acc[i] / acc[n_dom + i]) for i, d in enumerate(plan.train) if acc[n_dom + i] > 0}
         row: dict[str, Any] = {
             "step": step_done,
             "tokens": step_done * tokens_per_step,
-            "loss": float(acc[:n_dom].sum() / valid_total) if valid_total else float("nan"),
+            **stats.row(),
             "lr": lr,
             "grad_norm": grad_norm,
             "strategy": strategy,
             "r": r,
-            "nonfinite_samples": int(acc[-1]),
             "skipped_steps": skipped,
-            "weight_min": stats_acc["min"],
-            "weight_max": stats_acc["max"],
-            "weight_entropy": stats_acc["entropy"],
-            "weight_ess": stats_acc["ess"],
             "step_seconds": time.time() - t0,
         }
-        row.update({f"loss/{d}": v for d, v in per_domain.items()})
-        row.update({f"weight_share/{d}": float(acc[2 * n_dom + i] / accum) for i, d in enumerate(plan.train)})
         row.update({f"mixture/{d}": float(w) for d, w in zip(sampler.domains, sampler.weights)})
         row.update({f"epochs/{d}": e for d, e in sampler.epochs().items()})
         if step_done % cfg.train.log_interval == 0 or step_done == cfg.train.max_steps:
