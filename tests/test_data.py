@@ -227,3 +227,9 @@ def test_validation_batches_equal_across_ranks(prepared_dir):
     per_rank = [list(validation_batches(shard, 8, 2, 7, rank=r, world_size=2)) for r in range(2)]
     assert [b.shape for b in per_rank[0]] == [b.shape for b in per_rank[1]]
     assert sum(b.shape[0] for r in per_rank for b in r) == 6
+
+
+def test_public_names():
+    import megareweight.data as data
+
+    assert data.MixtureSampler is MixtureSampler and data.PreparedData is PreparedData
