@@ -213,7 +213,7 @@ def train(
             out_ = engine.forward(batch, strategy, r)
             engine.backward(out_.loss)
             stats.add(out_, batch["domain_ids"])
-        stats.all_reduce(engine.device)
+        stats.all_reduce()
         if stats.valid_samples == 0:
             engine.skip_step()
             streak += 1
