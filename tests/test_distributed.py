@@ -132,6 +132,22 @@ def test_resume_on_one_rank_continues_stream(linupper_run, tmp_path: Path) -> No
     np.testing.assert_allclose([r["loss"] for r in again], [r["loss"] for r in full], rtol=2e-3)
 
 
+def test_resume_on_more_ranks_continues_stream(prepared_dir: Path, tmp_path: Path) -> None:
+    """1-rank ZeRO-3 checkpoint -> 2 ranks (universal checkpoint), same global batch."""
+    config = write_config(tmp_path / "c.yaml", prepared_dir, "linupper", accum=1, mbs=4, checkpoint_interval=2)
+    out = tmp_path / "one"
+    deepspeed_train(config, DS_TINY, out, 1)
+    resumed = _truncate_to(out, tmp_path / "resumed", 2)
+    deepspeed_train(config, DS_TINY, resumed, 2, "--resume", "--set", "data.micro_batch_size=2")
+    full, again = read_metrics(out), read_metrics(resumed)
+    state = json.loads((resumed / "checkpoints" / f"step_{STEPS:08d}" / "trainer_state.json").read_text())
+    state_full = json.loads((out / "checkpoints" / f"step_{STEPS:08d}" / "trainer_state.json").read_text())
+    assert state["sampler"] == state_full["sampler"]  # no sample repeated or skipped
+    assert [r["step"] for r in again] == list(range(1, STEPS + 1))
+    np.testing.assert_allclose(again[2]["loss"], full[2]["loss"], rtol=1e-6)
+    np.testing.assert_allclose([r["loss"] for r in again], [r["loss"] for r in full], rtol=2e-3)
+
+
 def test_ds_config_auto_is_filled_and_contradictions_are_errors(prepared_dir: Path) -> None:
     from megareweight.train.ds_engine import resolve_ds_config
 
