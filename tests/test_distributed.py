@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,7 @@ import pytest
 import yaml
 
 from megareweight.config import ConfigError, load_config
-from tests._launch import REPO, deepspeed_train, read_metrics
+from tests._launch import REPO, deepspeed_train, free_port, read_metrics, run_group
 
 DS_TINY = REPO / "ds_configs" / "zero3_cpu_tiny.json"
 STEPS = 4
@@ -192,3 +194,52 @@ def test_export_from_zero3_checkpoint_matches_one_process(linupper_run, tmp_path
     ids = torch.randint(0, reference.args.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         np.testing.assert_allclose(hf(ids).logits.numpy(), reference.logits(ids).numpy(), rtol=1e-3, atol=1e-3)
+
+
+POISON_SCRIPT = textwrap.dedent("""
+    # Train on 2 DeepSpeed ranks; the loss sees NaN hidden states on every rank's 3rd training forward.
+    import sys
+    import torch
+    from megareweight.config import load_config
+    from megareweight.train.ds_engine import deepspeed_engine_factory
+    from megareweight.train.loop import train
+
+    config, ds_json, out = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+    base = deepspeed_engine_factory(ds_json)
+    calls = {"n": 0}
+
+    def factory(module, cfg):
+        inner = module.loss_fn
+
+        def loss_fn(hidden, weight, labels, **kw):
+            if module.training:
+                calls["n"] += 1
+                if calls["n"] == 3:
+                    hidden = torch.full_like(hidden, float("nan"))
+            return inner(hidden, weight, labels, **kw)
+
+        module.loss_fn = loss_fn
+        return base(module, cfg)
+
+    if hasattr(base, "model_init"):
+        factory.model_init = base.model_init
+    train(load_config(config), out, engine_factory=factory, progress=False)
+""")
+
+
+def test_zero3_skips_a_step_whose_losses_are_all_nonfinite(prepared_dir: Path, tmp_path: Path) -> None:
+    """DeepSpeed's skip path: the poisoned step is skipped on both ranks, training goes on, weights stay finite."""
+    script = tmp_path / "poison.py"
+    script.write_text(POISON_SCRIPT)
+    config = write_config(tmp_path / "c.yaml", prepared_dir, "linupper", accum=1)
+    out = tmp_path / "run"
+    port = free_port()
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_accelerators", "2", "--master_port", str(port),
+           str(script), str(config), str(DS_TINY), str(out)]
+    run_group([cmd], port, 240, tmp_path / "poison.log")
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert rows[2]["nonfinite_samples"] == 4 and rows[2]["skipped_steps"] == 1
+    assert rows[-1]["skipped_steps"] == 1 and all(np.isfinite(r["loss"]) for i, r in enumerate(rows) if i != 2)
+    summary = json.loads((out / "summary.json").read_text())
+    assert all(np.isfinite(summary[f"loss/{d}"]) for d in ("code", "numbers", "prose"))
