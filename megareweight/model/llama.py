@@ -170,14 +170,19 @@ class Transformer(nn.Module):
 
     def reset_parameters(self) -> None:
         """GPT-2 style init: N(0, 0.02), residual output projections scaled by 1/sqrt(2L)."""
-        std = self.args.init_std
         for name, p in self.named_parameters():
-            if p.dim() == 1:
-                nn.init.ones_(p)
-            elif name.endswith(("o_proj.weight", "down_proj.weight")):
-                nn.init.normal_(p, std=std / math.sqrt(2 * self.args.n_layers))
-            else:
-                nn.init.normal_(p, std=std)
+            self.init_parameter(name, p)
+
+    @torch.no_grad()
+    def init_parameter(self, name: str, p: torch.Tensor) -> None:
+        """The init rule for one parameter (also applied shard by shard under ZeRO-3's zero.Init)."""
+        std = self.args.init_std
+        if p.dim() == 1:
+            p.fill_(1.0)
+        elif name.endswith(("o_proj.weight", "down_proj.weight")):
+            p.normal_(std=std / math.sqrt(2 * self.args.n_layers))
+        else:
+            p.normal_(std=std)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Hidden states [B, T, D] after the final norm."""

@@ -162,26 +162,17 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def init_partitioned_parameters(model: Transformer) -> None:
-    """Apply :meth:`Transformer.reset_parameters`'s rule to a model built under ``zero.Init``.
+    """Apply :meth:`Transformer.init_parameter` to a model built under ``zero.Init``.
 
     ``reset_parameters`` ran on empty shards there and did nothing. Each parameter is gathered
     alone (peak memory: one matrix), initialised on rank 0 and re-partitioned (broadcast).
-    Keep in sync with ``Transformer.reset_parameters`` (GPT-2 style N(0, 0.02), residual outputs
-    scaled by 1/sqrt(2L), norm gains 1).
     """
     import deepspeed
 
-    std, layers = model.args.init_std, model.args.n_layers
     for name, p in model.named_parameters():
         with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
             if dist.get_rank() == 0:
-                with torch.no_grad():
-                    if p.dim() == 1:
-                        p.fill_(1.0)
-                    elif name.endswith(("o_proj.weight", "down_proj.weight")):
-                        p.normal_(std=std / (2 * layers) ** 0.5)
-                    else:
-                        p.normal_(std=std)
+                model.init_parameter(name, p)
 
 
 # --- the engine ------------------------------------------------------------------------------------
