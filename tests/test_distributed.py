@@ -116,22 +116,28 @@ def test_resume_two_ranks_reproduces_next_losses_exactly(linupper_run, tmp_path:
     assert again[-1]["epochs/code"] == full[-1]["epochs/code"]
 
 
+def assert_resumed_on_new_layout(full_run: Path, resumed: Path) -> None:
+    """A run resumed at step 2 on another rank count continues the uninterrupted one."""
+    def final_state(run: Path) -> dict:
+        return json.loads((run / "checkpoints" / f"step_{STEPS:08d}" / "trainer_state.json").read_text())
+
+    full, again = read_metrics(full_run), read_metrics(resumed)
+    assert final_state(resumed)["sampler"] == final_state(full_run)["sampler"]  # no sample repeated or skipped
+    assert [r["step"] for r in again] == list(range(1, STEPS + 1))
+    # Step 3's loss is measured on the restored weights, before any update on the new layout.
+    np.testing.assert_allclose(again[2]["loss"], full[2]["loss"], rtol=1e-6)
+    # Later steps: the restored optimizer state agrees to ~1e-5 (universal-checkpoint round-off).
+    np.testing.assert_allclose([r["loss"] for r in again], [r["loss"] for r in full], rtol=2e-3)
+
+
 def test_resume_on_one_rank_continues_stream(linupper_run, tmp_path: Path) -> None:
     """2-rank ZeRO-3 checkpoint -> 1 rank (universal checkpoint), same global batch: the data
     stream continues exactly (same per-domain counts, same first loss), training continues."""
     config, out = linupper_run
     resumed = _truncate_to(out, tmp_path / "resumed", 2)
     deepspeed_train(config, DS_TINY, resumed, 1, "--resume", "--set", "data.micro_batch_size=4")
-    full, again = read_metrics(out), read_metrics(resumed)
     assert (resumed / "checkpoints" / "step_00000002" / "engine_universal" / "zero").is_dir()
-    state = json.loads((resumed / "checkpoints" / f"step_{STEPS:08d}" / "trainer_state.json").read_text())
-    state_full = json.loads((out / "checkpoints" / f"step_{STEPS:08d}" / "trainer_state.json").read_text())
-    assert state["sampler"] == state_full["sampler"]  # no sample repeated or skipped
-    assert [r["step"] for r in again] == list(range(1, STEPS + 1))
-    # Step 3's loss is measured on the restored weights, before any update on the new layout.
-    np.testing.assert_allclose(again[2]["loss"], full[2]["loss"], rtol=1e-6)
-    # Later steps: the restored optimizer state agrees to ~1e-5 (universal-checkpoint round-off).
-    np.testing.assert_allclose([r["loss"] for r in again], [r["loss"] for r in full], rtol=2e-3)
+    assert_resumed_on_new_layout(out, resumed)
 
 
 def test_resume_on_more_ranks_continues_stream(prepared_dir: Path, tmp_path: Path) -> None:
@@ -141,13 +147,7 @@ def test_resume_on_more_ranks_continues_stream(prepared_dir: Path, tmp_path: Pat
     deepspeed_train(config, DS_TINY, out, 1)
     resumed = _truncate_to(out, tmp_path / "resumed", 2)
     deepspeed_train(config, DS_TINY, resumed, 2, "--resume", "--set", "data.micro_batch_size=2")
-    full, again = read_metrics(out), read_metrics(resumed)
-    state = json.loads((resumed / "checkpoints" / f"step_{STEPS:08d}" / "trainer_state.json").read_text())
-    state_full = json.loads((out / "checkpoints" / f"step_{STEPS:08d}" / "trainer_state.json").read_text())
-    assert state["sampler"] == state_full["sampler"]  # no sample repeated or skipped
-    assert [r["step"] for r in again] == list(range(1, STEPS + 1))
-    np.testing.assert_allclose(again[2]["loss"], full[2]["loss"], rtol=1e-6)
-    np.testing.assert_allclose([r["loss"] for r in again], [r["loss"] for r in full], rtol=2e-3)
+    assert_resumed_on_new_layout(out, resumed)
 
 
 def test_ds_config_auto_is_filled_and_contradictions_are_errors(prepared_dir: Path) -> None:
