@@ -33,6 +33,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise FileNotFoundError(f"no complete checkpoint in {path} (expected {STATE} or a checkpoints/ directory)")
 
 
+def prepared_dir(state: dict) -> Path:
+    """The run's prepared-data directory (absolute since it was recorded; older states: as configured)."""
+    return Path(state.get("prepared_dir") or state.get("config", {}).get("data", {}).get("prepared", ""))
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Transformer, dict]:
     """(model in eval mode with fp32 weights, trainer state) from a checkpoint."""
     ckpt = resolve_checkpoint(path)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from megareweight.checkpoint_io import load_model
+from megareweight.checkpoint_io import load_model, prepared_dir
 from megareweight.data.corpus import SUFFIXES, iter_documents, list_domains
 from megareweight.data.tokenizer import Tokenizer
 
@@ -51,8 +51,7 @@ def evaluate_checkpoint(
     """{domain: {"loss", "perplexity", "tokens"}} plus an ``"average"`` row over domains."""
     model, state = load_model(checkpoint)
     if tokenizer is None:
-        prepared = Path(state["config"]["data"]["prepared"])
-        tokenizer = prepared / "tokenizer.model"
+        tokenizer = prepared_dir(state) / "tokenizer.model"
         if not tokenizer.is_file():
             raise FileNotFoundError(f"tokenizer of the run not found at {tokenizer}; pass --tokenizer")
     tok = Tokenizer(tokenizer)

@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
 
-from megareweight.checkpoint_io import load_model
+from megareweight.checkpoint_io import load_model, prepared_dir
 from megareweight.model import ModelArgs
 
 _RENAMES = [
@@ -74,7 +75,9 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
         tensors[hf_name(name)] = tensor.detach().to(torch.float32).contiguous()
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(hf_config(model.args), indent=2))
-    prepared = Path(state.get("config", {}).get("data", {}).get("prepared", ""))
+    prepared = prepared_dir(state)
     if (prepared / "tokenizer.model").is_file():
         shutil.copyfile(prepared / "tokenizer.model", out / "tokenizer.model")
+    else:
+        warnings.warn(f"the run's tokenizer ({prepared / 'tokenizer.model'}) is gone; exported the model without it")
     return out

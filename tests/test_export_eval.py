@@ -56,3 +56,14 @@ def test_eval_and_export_errors(tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(tmp_path), "--data", str(tmp_path)]) == 2
     assert "no complete checkpoint" in capsys.readouterr().err
     assert main(["export", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "hf")]) == 2
+
+
+def test_relative_prepared_path_still_found_from_another_directory(prepared_dir, corpus_dir, tmp_path,
+                                                                   monkeypatch, capsys):
+    monkeypatch.chdir(prepared_dir.parent)
+    cfg = tiny_config(prepared_dir.name, train={"max_steps": 2, "eval_interval": 0})
+    train(cfg, tmp_path / "run", progress=False)
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--data", str(corpus_dir / "code.jsonl"), "--json",
+                 "--quiet"]) == 0
+    assert "code" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -192,7 +192,8 @@ def train(
               f"engine: {engine.name} x{engine.world_size}; train domains {plan.train}; held out {plan.heldout}")
 
     def save(step_done: int) -> None:
-        state = {"step": step_done, "model_args": dataclasses.asdict(args), "sampler": sampler.state_dict(),
+        state = {"step": step_done, "model_args": dataclasses.asdict(args), "prepared_dir": str(data.root.resolve()),
+                 "sampler": sampler.state_dict(),
                  "nonfinite_streak": streak,
                  "skipped_steps": skipped, "torch_rng": torch.get_rng_state().tolist(), "config": cfg.to_dict()}
         ckpt.save_checkpoint(ckpt_root, step_done, state, engine.save, is_writer=is_main, barrier=engine.barrier)
