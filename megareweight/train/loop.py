@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from megareweight.config import ExperimentConfig, dump_config
+from megareweight.config import ExperimentConfig, dump_config, model_args_for
 from megareweight.data.mixture import MixtureSampler, validation_batches
 from megareweight.data.shards import PreparedData
-from megareweight.model import build_model, model_args
+from megareweight.model import build_model
 from megareweight.reweighting import ReweightSchedule
 from megareweight.train import checkpoint as ckpt
 from megareweight.train.distributed import all_reduce_sum
@@ -154,9 +154,7 @@ def train(
     schedule = ReweightSchedule(**dataclasses.asdict(cfg.reweight))
 
     torch.manual_seed(cfg.train.seed)
-    args = model_args(cfg.model.size, vocab_size=data.vocab_size, tie_embeddings=cfg.model.tie_embeddings)
-    if cfg.data.seq_len > args.max_seq_len:
-        raise ValueError(f"data.seq_len {cfg.data.seq_len} exceeds the {cfg.model.size} model's max_seq_len {args.max_seq_len}")
+    args = model_args_for(cfg, data.vocab_size)
     factory = engine_factory or default_engine_factory
     # An engine may construct the model its own way (DeepSpeed: zero.Init shards large models).
     model_init = getattr(factory, "model_init", None)
@@ -188,7 +186,7 @@ def train(
         dump_config(cfg, out / "config.yaml")
     logger = MetricsLogger(out, cfg, enabled=is_main, resume_step=start_step if resume else None)
     if is_main and progress:
-        print(f"[megareweight] model {cfg.model.size}: {n_params:,} parameters; loss impl: {loss_name}; "
+        print(f"[megareweight] model {cfg.model.size} ({args.describe()}): {n_params:,} parameters; loss impl: {loss_name}; "
               f"engine: {engine.name} x{engine.world_size}; train domains {plan.train}; held out {plan.heldout}")
 
     def save(step_done: int) -> None:
