@@ -263,7 +263,10 @@ def load_run(work: Path, method: str, seed: int) -> Optional[dict[str, Any]]:
     external = json.loads((out / "external_eval.json").read_text())
     final = {k.split("/", 1)[1]: v for k, v in curve[-1].items() if k.startswith("loss/")}
     final[EXTERNAL] = external[EXTERNAL]["loss"]
+    steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    tokens_per_step = steps[0]["tokens"] / steps[0]["step"]
     return {"method": method, "seed": seed, "final": final, "curve": curve, "seconds": summary["seconds"],
+            "tokens_per_second": tokens_per_step / float(np.median([r["step_seconds"] for r in steps])),
             "parameters": summary["parameters"], "tokens": curve[-1]["tokens"],
             "external_tokens": external[EXTERNAL]["tokens"]}
 
@@ -358,8 +361,10 @@ def markdown(analysis: dict[str, Any], runs: dict[tuple[str, int], dict[str, Any
         lines.append("")
     seconds = [r["seconds"] for r in runs.values()]
     if seconds:
+        speed = [r["tokens_per_second"] for r in runs.values()]
         lines.append(f"Training time per run (incl. evaluation, {machine()}, shared with other jobs): "
-                     f"median {np.median(seconds):.0f} s, range {min(seconds):.0f}-{max(seconds):.0f} s.")
+                     f"median {np.median(seconds):.0f} s, range {min(seconds):.0f}-{max(seconds):.0f} s; "
+                     f"training speed (median step) {min(speed):,.0f}-{max(speed):,.0f} tokens/s per run.")
     return "\n".join(lines) + "\n"
 
 
@@ -440,6 +445,7 @@ def write_report(work: Path, out: Path) -> list[Path]:
         "external_text": json.loads(ext_manifest.read_text()) if ext_manifest.is_file() else None,
         "parameters": next(iter(runs.values()))["parameters"],
         "runs": {f"{m}-seed{s}": {"final": r["final"], "seconds": r["seconds"], "tokens": r["tokens"],
+                                  "tokens_per_second_median_step": r["tokens_per_second"],
                                   "curve": [{k: v for k, v in row.items() if k.startswith(("tokens", "avg", "loss/"))}
                                             for row in r["curve"]]}
                  for (m, s), r in sorted(runs.items())},
