@@ -21,23 +21,20 @@ SHA-256 are recorded in the experiment's ``results.json``.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from megareweight.data.corpus_sources import FetchError, Fetcher  # noqa: E402
+from megareweight.data.shards import sha256_file  # noqa: E402
+
 PACKAGE = "fortunes"
 FORTUNE_DIR = Path("usr/share/games/fortunes")
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def cookies(text: str) -> list[str]:
@@ -55,34 +52,26 @@ def cookies(text: str) -> list[str]:
     return [c for c in out if c.strip()]
 
 
-def download(workdir: Path) -> tuple[Path, str]:
-    """``apt-get download`` the package into ``workdir``; returns (.deb path, version)."""
-    subprocess.run(["apt-get", "download", PACKAGE], cwd=workdir, check=True, capture_output=True)
-    debs = sorted(workdir.glob(f"{PACKAGE}_*.deb"))
-    if not debs:
-        raise RuntimeError(f"apt-get download {PACKAGE} produced no .deb in {workdir}")
-    version = subprocess.run(["dpkg-deb", "-f", str(debs[0]), "Version"], check=True, capture_output=True,
-                             text=True).stdout.strip()
-    return debs[0], version
-
-
 def build(out_dir: Path) -> dict:
+    """Download and unpack the package (the corpus builder's :class:`Fetcher`), write the JSONL
+    and its manifest; returns the manifest."""
     out_dir.mkdir(parents=True, exist_ok=True)
     jsonl = out_dir / f"{PACKAGE}.jsonl"
     with tempfile.TemporaryDirectory() as tmp:
-        deb, version = download(Path(tmp))
-        root = Path(tmp) / "x"
-        subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
+        fetcher = Fetcher(Path(tmp))
+        root = fetcher.deb(PACKAGE)
+        (package,) = fetcher.packages.values()
         files = sorted(p for p in (root / FORTUNE_DIR).iterdir()
                        if p.is_file() and not p.is_symlink() and p.suffix != ".dat")
         count = 0
         with open(jsonl, "w", encoding="utf-8") as fh:
             for path in files:
                 for cookie in cookies(path.read_bytes().decode("utf-8", errors="replace")):
-                    fh.write(json.dumps({"text": cookie, "source": f"debian:{PACKAGE}={version}:{path.name}"}) + "\n")
+                    fh.write(json.dumps({"text": cookie, "source": f"debian:{PACKAGE}={package.version}:{path.name}"}) + "\n")
                     count += 1
-        manifest = {"package": PACKAGE, "version": version, "deb_sha256": sha256(deb), "files": [p.name for p in files],
-                    "documents": count, "jsonl": jsonl.name, "bytes": jsonl.stat().st_size, "sha256": sha256(jsonl)}
+    manifest = {"package": PACKAGE, "version": package.version, "deb_sha256": package.artifact_sha256,
+                "files": [p.name for p in files], "documents": count, "jsonl": jsonl.name,
+                "bytes": jsonl.stat().st_size, "sha256": sha256_file(jsonl)}
     (out_dir / f"{PACKAGE}.manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
@@ -93,7 +82,7 @@ def main() -> int:
     args = ap.parse_args()
     try:
         manifest = build(Path(args.out))
-    except (subprocess.CalledProcessError, FileNotFoundError, RuntimeError) as exc:
+    except (FetchError, OSError) as exc:
         print(f"heldout_text: error: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(manifest, indent=2))
