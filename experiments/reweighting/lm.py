@@ -41,6 +41,7 @@ and with ``--commit`` the report is rebuilt and committed after every finished r
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import platform
@@ -125,40 +126,79 @@ def run_dir(work: Path, method: str, seed: int) -> Path:
     return work / "runs" / f"{method}-seed{seed}"
 
 
+def _same_values(asked: dict[str, Any], saved: dict[str, Any]) -> bool:
+    """Every key this experiment sets has the same value in the saved config (keys added to the
+    config schema later, with their defaults, do not make a finished run look different)."""
+    for key, value in asked.items():
+        if isinstance(value, dict):
+            if not isinstance(saved.get(key), dict) or not _same_values(value, saved[key]):
+                return False
+        elif saved.get(key) != value:
+            return False
+    return True
+
+
 def is_finished(out: Path, cfg: dict[str, Any]) -> bool:
-    """Finished = summary.json, the external eval, and the same config as asked for."""
+    """Finished = summary.json, the external eval, and the values this experiment asked for."""
     if not ((out / "summary.json").is_file() and (out / "external_eval.json").is_file()):
         return False
-    from megareweight.config import config_from_dict
+    return _same_values(cfg, yaml.safe_load((out / "config.yaml").read_text()))
 
-    saved = yaml.safe_load((out / "config.yaml").read_text())
-    return saved == config_from_dict(cfg).to_dict()
+
+def code_version() -> dict[str, Any]:
+    """The commit the run's code came from (recorded per run: a resumed experiment may span commits)."""
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "megareweight", "kernels"], cwd=REPO,
+                           capture_output=True, text=True).stdout.strip()
+    return {"commit": head or None, "dirty": bool(dirty)}
 
 
 def train_one(work: Path, prepared: Path, external: Path, method: str, seed: int, threads: int,
               steps: int = STEPS) -> Optional[str]:
     """Train (or resume) one run in a subprocess with ``threads`` torch threads, then score the
-    external text. Returns an error line or None."""
+    external text. Returns an error line or None.
+
+    A lock file in the run directory (``flock``, inherited by the trainer subprocess, released
+    when every holder exits) keeps two invocations of ``run`` from training the same run at once.
+    """
     out = run_dir(work, method, seed)
     cfg = run_config(prepared, method, seed, steps)
     if is_finished(out, cfg):
         return None
     out.mkdir(parents=True, exist_ok=True)
+    lock = open(out / ".lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        print(f"[lm] {method} seed {seed}: another process is training it; skipped", flush=True)
+        return None
+    try:
+        return _train_locked(out, cfg, external, method, seed, threads, lock.fileno())
+    finally:
+        lock.close()
+
+
+def _train_locked(out: Path, cfg: dict[str, Any], external: Path, method: str, seed: int, threads: int,
+                  lock_fd: int) -> Optional[str]:
     cfg_path = out / "requested_config.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    with open(out / "code_versions.jsonl", "a") as fh:
+        fh.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **code_version()}) + "\n")
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled"}
     log = open(out / "train.log", "a")
     start = time.time()
     print(f"[lm] {method} seed {seed}: training ({threads} thread(s)) -> {out}", flush=True)
     train = subprocess.run([sys.executable, "-m", "megareweight.cli", "train", "--config", str(cfg_path),
-                            "--out", str(out), "--resume", "--quiet"], env=env, stdout=log, stderr=log)
+                            "--out", str(out), "--resume", "--quiet"], env=env, stdout=log, stderr=log,
+                           pass_fds=(lock_fd,))
     if train.returncode != 0:
         return f"{method} seed {seed}: train exited {train.returncode}, see {out / 'train.log'}"
     score = subprocess.run([sys.executable, "-m", "megareweight.cli", "eval", "--checkpoint", str(out),
                             "--data", str(external), "--max-tokens", str(EXTERNAL_TOKENS), "--batch-size", "32",
                             "--json-out", str(out / "external_eval.json.tmp"), "--json", "--quiet"],
-                           env=env, stdout=log, stderr=log)
+                           env=env, stdout=log, stderr=log, pass_fds=(lock_fd,))
     if score.returncode != 0:
         return f"{method} seed {seed}: eval exited {score.returncode}, see {out / 'train.log'}"
     os.replace(out / "external_eval.json.tmp", out / "external_eval.json")
@@ -264,9 +304,12 @@ def load_run(work: Path, method: str, seed: int) -> Optional[dict[str, Any]]:
     final = {k.split("/", 1)[1]: v for k, v in curve[-1].items() if k.startswith("loss/")}
     final[EXTERNAL] = external[EXTERNAL]["loss"]
     steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    versions_file = out / "code_versions.jsonl"
+    versions = [json.loads(x) for x in versions_file.read_text().splitlines() if x.strip()] if versions_file.is_file() else []
     tokens_per_step = steps[0]["tokens"] / steps[0]["step"]
     return {"method": method, "seed": seed, "final": final, "curve": curve, "seconds": summary["seconds"],
             "tokens_per_second": tokens_per_step / float(np.median([r["step_seconds"] for r in steps])),
+            "code_versions": versions,
             "parameters": summary["parameters"], "tokens": curve[-1]["tokens"],
             "external_tokens": external[EXTERNAL]["tokens"]}
 
@@ -445,6 +488,7 @@ def write_report(work: Path, out: Path) -> list[Path]:
         "external_text": json.loads(ext_manifest.read_text()) if ext_manifest.is_file() else None,
         "parameters": next(iter(runs.values()))["parameters"],
         "runs": {f"{m}-seed{s}": {"final": r["final"], "seconds": r["seconds"], "tokens": r["tokens"],
+                                  "code_versions": r["code_versions"],
                                   "tokens_per_second_median_step": r["tokens_per_second"],
                                   "curve": [{k: v for k, v in row.items() if k.startswith(("tokens", "avg", "loss/"))}
                                             for row in r["curve"]]}
