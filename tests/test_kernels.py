@@ -285,6 +285,28 @@ def test_get_loss_impl():
     assert kernels.LossOutput._fields == ("loss", "per_sample_loss", "weights")
 
 
+def test_trainer_passes_loss_mode_and_chunk_size(prepared_dir, tmp_path, monkeypatch):
+    """``loss.mode``/``loss.chunk_size`` reach the kernel: lean runs its backward with the
+    configured chunk, fast never recomputes; both train the same curve up to rounding, with an
+    identical first loss (the modes share the forward)."""
+    from megareweight.train.loop import train
+    from tests.conftest import tiny_config
+
+    chunks = []
+    original = F.lean_backward
+    monkeypatch.setattr(F, "lean_backward", lambda *a: chunks.append(a[5].chunk) or original(*a))
+    curves = {}
+    for mode, chunk in (("fast", 0), ("lean", 24)):
+        chunks.clear()
+        cfg = tiny_config(prepared_dir, train={"max_steps": 4, "eval_interval": 0},
+                          reweight={"strategy": "linupper", "r": 0.4}, loss={"impl": "chunked", "mode": mode, "chunk_size": chunk})
+        train(cfg, tmp_path / mode, progress=False)
+        curves[mode] = [json.loads(line)["loss"] for line in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()]
+        assert chunks == ([24] * 4 if mode == "lean" else [])
+    assert curves["fast"][0] == curves["lean"][0]
+    assert curves["fast"] == pytest.approx(curves["lean"], rel=1e-4)
+
+
 def test_import_without_triton(monkeypatch):
     """``import kernels`` must not pull triton in (macOS has none); without it auto -> chunked."""
     code = "import sys, kernels, kernels.weighted_ce.function; print('triton' in sys.modules)"

@@ -148,10 +148,13 @@ def _addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """``acc`` (fp32) += a @ b without rounding the partial product to the inputs' dtype."""
     if a.dtype == torch.float32:
         acc.addmm_(a, b)
-    elif a.is_cuda:
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-    else:
+    elif not a.is_cuda:
         acc.addmm_(a.float(), b.float())
+    else:
+        try:  # cuBLAS C = A B + C with bf16/fp16 A, B and an fp32 C
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        except RuntimeError:  # builds whose addmm.dtype wants C in the inputs' dtype: one fp32 temporary
+            acc.add_(torch.mm(a, b, out_dtype=torch.float32))
 
 
 class LinearWeightedCE(torch.autograd.Function):
