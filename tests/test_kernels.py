@@ -224,7 +224,7 @@ def test_options_are_validated():
 def test_chunk_and_mode_selection():
     """Chunk sizes follow V and the device size (never a handful of tokens); auto mode follows
     the stored-gradient budget."""
-    assert F.chunk_rows(128256, 2, 80 * 10**9) == 4096  # 1 GiB of bf16 logits at the target V
+    assert F.chunk_rows(128256, 2, 80 * 10**9) == 2048  # 512 MiB of bf16 logits at the target V
     assert F.chunk_rows(32000, 2, 80 * 10**9) == 8192  # clamped
     assert F.chunk_rows(10**7, 2, 80 * 10**9) == 256  # huge vocabulary: clamped below
     assert F.chunk_rows(128256, 2, 16 * 10**9) == 896  # small GPU: 1/64 of its memory (250 MB)
@@ -236,8 +236,8 @@ def test_chunk_and_mode_selection():
     assert F.resolve_mode("auto", 2 * F.CPU_FAST_MAX_BYTES, torch.device("cpu")) == "lean"
     assert F.resolve_mode("lean", 1, torch.device("cpu")) == "lean"
     # Lean backward blocks: equal-width vocabulary blocks (multiples of 128) at the target shape.
-    widths = [c.stop - c.start for _, c in F.lean_blocks(16384, 128256, 4096, True, True)]
-    assert sum(widths) == 128256 and len(widths) == 4 and all(w % 128 == 0 for w in widths[:-1])
+    widths = [c.stop - c.start for _, c in F.lean_blocks(16384, 128256, 2048, True, True)]
+    assert sum(widths) == 128256 and len(widths) == 8 and all(w % 128 == 0 for w in widths[:-1])
     rows = [r.stop - r.start for r, _ in F.lean_blocks(65536, 32000, 8192, True, True)]
     assert rows == [8192] * 8  # N > V: token blocks, dW accumulated in fp32
 

@@ -24,7 +24,7 @@ On paper at N=16384, D=4096, V=128256, bf16 on an H100 (989 TF/s dense, 3.35 TB/
 | mode | GEMM FLOPs | GEMM floor | epilogue HBM bytes | epilogue floor | extra memory |
 |---|---|---|---|---|---|
 | fast | 6NDV = 51.6 T | 52.2 ms | 12.6 GB fwd (z read twice, G written once) + H/U streams < 1 GB | 3.8 ms | G 4.2 GB + U 0.27 GB |
-| lean | 8NDV = 68.9 T | 69.6 ms | 4.2 GB fwd + 8.4 GB bwd (read z, write G*c) | 3.8 ms | one 1 GiB block + dH fp32 0.27 GB |
+| lean | 8NDV = 68.9 T | 69.6 ms | 4.2 GB fwd + 8.4 GB bwd (read z, write G*c) | 3.8 ms | one 0.5 GiB block + dH fp32 0.27 GB |
 
 The forward (deliverable 2 of issue 9) is a cuBLAS GEMM per token chunk + a Triton LSE/target
 epilogue rather than one Triton kernel on 2-D (128 x 256) tiles with a split-V LSE merge. On paper
@@ -53,9 +53,11 @@ from kernels.weighted_ce.reference import LossOutput, check_strategy, reweight_f
 MODES = ("auto", "fast", "lean")
 EPILOGUES = ("auto", "triton", "torch")
 
-#: Bytes of one [chunk, V] logit block: 1 GiB keeps cuBLAS in its large-GEMM regime (4096 tokens
-#: at V=128256 in bf16) at < 2 % of an 80 GB GPU; capped at total/64 on smaller GPUs.
-GPU_BLOCK_BYTES = 1 << 30
+#: Bytes of one [chunk, V] logit block: 512 MiB (2048 tokens at V=128256 in bf16) keeps every
+#: GEMM large (a [2048, 4096] x [4096, 128256] GEMM has 8000 128x256 output tiles for 132 SMs)
+#: while lean mode's workspace (block + fp32 dH accumulator) stays under 1 GB at the target
+#: shape; at most 1/64 of the GPU's memory on smaller GPUs.
+GPU_BLOCK_BYTES = 512 << 20
 GPU_CHUNK_RANGE = (256, 8192)
 #: On CPU a block that stays in the last-level cache matters more than GEMM size.
 CPU_BLOCK_BYTES = 16 << 20
