@@ -59,7 +59,7 @@ EPILOGUES = ("auto", "triton", "torch")
 #: shape; at most 1/64 of the GPU's memory on smaller GPUs.
 GPU_BLOCK_BYTES = 512 << 20
 GPU_CHUNK_RANGE = (256, 8192)
-#: On CPU a block that stays in the last-level cache matters more than GEMM size.
+#: On CPU the PyTorch epilogue makes two or three fp32 temporaries of the block: keep it small.
 CPU_BLOCK_BYTES = 16 << 20
 CPU_CHUNK_RANGE = (16, 8192)
 #: ``mode="auto"`` stores the gradient (fast) when it takes at most this share of the GPU's total
