@@ -1,9 +1,9 @@
-"""Pure-PyTorch twin of the fused kernel: materialises the [N, V] logits.
+"""Plain-autograd ground truth of the reweighted linear cross-entropy: materialises [N, V] logits.
 
-Same signature and semantics as :func:`kernels.fused_linear_weighted_ce`; it is the ground truth
-for the kernel tests and the loss path for tiny CPU models. The small helpers below
-(:func:`sample_index`, :func:`reweight_from_sums`) are shared by the chunked and the Triton paths
-so that all three implementations agree on what a sample is and on the reweighting epilogue.
+Same contract as :func:`kernels.fused_linear_weighted_ce` (without its ``mode``/``chunk_size``/
+``epilogue`` knobs); it is the ground truth for the kernel tests and ``loss.impl=reference``. The
+small helpers below (:func:`sample_index`, :func:`reweight_from_sums`) are shared with
+:mod:`kernels.weighted_ce.function` so that both agree on what a sample is and on the weights.
 
 Reweighting follows Sow et al. (ICLR 2025), see :mod:`megareweight.reweighting`:
 ``l_i`` = mean token CE of sample i; ``x_i = 2*delta*(l_i - (l_max+l_min)/2) / max(l_max-l_min,
