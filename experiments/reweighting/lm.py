@@ -45,6 +45,7 @@ import fcntl
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -78,6 +79,13 @@ METHODS: dict[str, dict[str, Any]] = {
     "linupper_r1.0": {"strategy": "linupper", "r": 1.0},
 }
 BASELINE = "uniform"
+#: Every run of this experiment trains and evaluates with the ``megareweight``/``kernels`` code of
+#: this commit (a snapshot under ``<work>/code-<commit>``), not with the working tree: the experiment
+#: spans sessions while the branch moves on (e.g. a sampler change would alter the data order),
+#: and the pairing "same initialisation and data order per seed" must hold across all 15 runs.
+#: It is the commit the first runs started from. To rerun with newer code, change it and use a
+#: fresh ``--work`` directory.
+CODE_COMMIT = "746fff9d01c727225552b584ecfc5d0ba4d690c2"
 
 
 def run_config(prepared: Path, method: str, seed: int, steps: int = STEPS) -> dict[str, Any]:
@@ -145,12 +153,39 @@ def is_finished(out: Path, cfg: dict[str, Any]) -> bool:
     return _same_values(cfg, yaml.safe_load((out / "config.yaml").read_text()))
 
 
-def code_version() -> dict[str, Any]:
-    """The commit the run's code came from (recorded per run: a resumed experiment may span commits)."""
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "megareweight", "kernels"], cwd=REPO,
-                           capture_output=True, text=True).stdout.strip()
-    return {"commit": head or None, "dirty": bool(dirty)}
+def code_snapshot(work: Path, commit: str = CODE_COMMIT) -> Path:
+    """``git archive`` of ``megareweight/`` and ``kernels/`` at ``commit`` under ``work`` (once)."""
+    root = work / f"code-{commit[:12]}"
+    if (root / ".complete").is_file():
+        return root
+    tmp = work / f".code-{commit[:12]}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    archive = subprocess.run(["git", "archive", "--format=tar", commit, "megareweight", "kernels"], cwd=REPO,
+                             capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True)
+    (tmp / ".complete").write_text(commit + "\n")
+    if root.exists():
+        shutil.rmtree(root)
+    tmp.rename(root)
+    return root
+
+
+def trainer_alive(out: Path) -> bool:
+    """True while some process trains or scores into ``out`` (``megareweight.cli ... --out OUT`` or
+    ``--checkpoint OUT`` on its command line; Linux /proc). Covers processes that an earlier,
+    stopped invocation of this script left running."""
+    target = str(out.resolve())
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if "megareweight.cli" in args and any(a in ("--out", "--checkpoint") and b == target
+                                              for a, b in zip(args, args[1:])):
+            return True
+    return False
 
 
 def train_one(work: Path, prepared: Path, external: Path, method: str, seed: int, threads: int,
@@ -174,19 +209,21 @@ def train_one(work: Path, prepared: Path, external: Path, method: str, seed: int
         print(f"[lm] {method} seed {seed}: another process is training it; skipped", flush=True)
         return None
     try:
-        return _train_locked(out, cfg, external, method, seed, threads, lock.fileno())
+        while trainer_alive(out):  # left running by a stopped invocation: let it finish, then resume
+            time.sleep(30)
+        return _train_locked(out, cfg, external, method, seed, threads, lock.fileno(), code_snapshot(work))
     finally:
         lock.close()
 
 
 def _train_locked(out: Path, cfg: dict[str, Any], external: Path, method: str, seed: int, threads: int,
-                  lock_fd: int) -> Optional[str]:
+                  lock_fd: int, code: Path) -> Optional[str]:
     cfg_path = out / "requested_config.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     with open(out / "code_versions.jsonl", "a") as fh:
-        fh.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **code_version()}) + "\n")
+        fh.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "commit": CODE_COMMIT}) + "\n")
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled"}
+           "PYTHONPATH": str(code), "WANDB_MODE": "disabled"}
     log = open(out / "train.log", "a")
     start = time.time()
     print(f"[lm] {method} seed {seed}: training ({threads} thread(s)) -> {out}", flush=True)
@@ -256,15 +293,14 @@ def cmd_measure(args: argparse.Namespace) -> int:
         for j in range(jobs):
             out = work / "measure" / f"jobs{jobs}-threads{threads}-{j}"
             if out.exists():
-                import shutil
-
                 shutil.rmtree(out)
             out.mkdir(parents=True)
             cfg = run_config(prepared, "linupper_r0.4", seed=j, steps=args.steps)
             cfg["train"].update(eval_interval=0, checkpoint_interval=0)
             cfg["reweight"]["warmup_steps"] = 0
             (out / "cfg.yaml").write_text(yaml.safe_dump(cfg))
-            env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled"}
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(code_snapshot(work)),
+                   "WANDB_MODE": "disabled"}
             procs.append(subprocess.Popen([sys.executable, "-m", "megareweight.cli", "train", "--config",
                                            str(out / "cfg.yaml"), "--out", str(out), "--quiet"], env=env))
             outs.append(out)
