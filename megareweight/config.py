@@ -109,7 +109,9 @@ class TrainConfig:
     max_nonfinite_steps: int = 5  # consecutive all-non-finite steps before the run stops
     histogram_interval: int = 50  # log the weight distribution to wandb every N steps (0: never)
     keep_checkpoints: int = 3  # newest complete checkpoints kept on disk (0: all)
-    compile: bool = False  # torch.compile every transformer block
+    # torch.compile: blocks (every transformer block), ops (RMSNorm/RoPE/SwiGLU only), or true:
+    # blocks, except ops under ZeRO-3 (see megareweight.model.llama.Transformer.fuse_elementwise_ops)
+    compile: Union[bool, Literal["blocks", "ops"]] = False
     peak_tflops: Optional[float] = None  # per-device dense peak for MFU (None: known GPUs only)
 
 

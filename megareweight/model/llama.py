@@ -14,6 +14,7 @@ intermediates add more). ``every_k`` with k = 2 halves that memory for half the 
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
 from typing import Callable, Optional
@@ -81,16 +82,33 @@ def model_args(size: str, **overrides) -> ModelArgs:
     return replace(MODEL_SIZES[size], **{k: v for k, v in overrides.items() if v is not None})
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x / rms(x) * weight``, computed in fp32."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return xf.type_as(x) * weight
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+@functools.cache
+def fused(fn: Callable) -> Callable:
+    """``fn`` under ``torch.compile``: its chain of element-wise ops becomes one kernel. Built once
+    per function (a cache of compiled code, shared by every module that uses it)."""
+    return torch.compile(fn)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.fused = False  # see Transformer.fuse_elementwise_ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.type_as(x) * self.weight
+        return (fused(rms_norm) if self.fused else rms_norm)(x, self.weight, self.eps)
 
 
 def rope_tables(head_dim: int, seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,6 +139,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(args.d_model, args.kv_heads * hd, bias=False)
         self.v_proj = nn.Linear(args.d_model, args.kv_heads * hd, bias=False)
         self.o_proj = nn.Linear(args.n_heads * hd, args.d_model, bias=False)
+        self.fused = False
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
@@ -128,7 +147,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, t, a.n_heads, a.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, a.kv_heads, a.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, a.kv_heads, a.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        rope = fused(apply_rope) if self.fused else apply_rope
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=a.kv_heads != a.n_heads)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
@@ -139,9 +159,11 @@ class FeedForward(nn.Module):
         self.gate_proj = nn.Linear(args.d_model, args.hidden_dim, bias=False)
         self.up_proj = nn.Linear(args.d_model, args.hidden_dim, bias=False)
         self.down_proj = nn.Linear(args.hidden_dim, args.d_model, bias=False)
+        self.fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        act = fused(swiglu) if self.fused else swiglu
+        return self.down_proj(act(self.gate_proj(x), self.up_proj(x)))
 
 
 #: ``model.activation_checkpointing`` values (``true``/``false`` in a YAML mean full/none).
@@ -171,6 +193,16 @@ class Block(nn.Module):
         self.ffn = FeedForward(args)
         self.recompute: Optional[str] = None
 
+    @staticmethod
+    def _checkpoint(fn: Callable, *args: torch.Tensor) -> torch.Tensor:
+        """Non-reentrant checkpointing: composes with torch.compile, and re-runs the sub-modules'
+        forward (with ZeRO-3's gather hooks) in backward. It stops recomputing as soon as the
+        tensors backward needs exist, which skips the region's last GEMM and, under ZeRO-3, is
+        also what keeps the sub-module being differentiated gathered (its recomputed forward stops
+        before DeepSpeed's post-forward hook would release its weight; with early stopping off,
+        that weight is released under the backward that needs it)."""
+        return checkpoint(fn, *args, use_reentrant=False)
+
     def _attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         return self.attn(self.attn_norm(x), cos, sin)
 
@@ -180,18 +212,16 @@ class Block(nn.Module):
     def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         recompute = self.recompute if self.training else None
         if recompute == "attention":
-            x = x + checkpoint(self._attention, x, cos, sin, use_reentrant=False)
+            x = x + self._checkpoint(self._attention, x, cos, sin)
         else:
             x = x + self._attention(x, cos, sin)
         if recompute == "ffn":
-            return x + checkpoint(self._feed_forward, x, use_reentrant=False)
+            return x + self._checkpoint(self._feed_forward, x)
         return x + self._feed_forward(x)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        # Non-reentrant checkpointing re-runs the sub-modules' forward (and so ZeRO-3's gather
-        # hooks) during backward; it also composes with torch.compile of the block.
         if self.training and self.recompute == "block":
-            return checkpoint(self._forward, x, cos, sin, use_reentrant=False)
+            return self._checkpoint(self._forward, x, cos, sin)
         return self._forward(x, cos, sin)
 
 
@@ -266,13 +296,27 @@ class Transformer(nn.Module):
         multiplies, concatenation -> one kernel per q/k), SwiGLU's ``silu(g) * u`` and the residual
         adds. At the 1.4b shape with 16k tokens per micro-batch ([16384, 2048] activations, 67 MB
         in bf16), an eager RMSNorm forward reads and writes about 1.2 GB (seven kernels, fp32
-        intermediates) where the fused kernel moves 134 MB: ~0.35 ms against ~0.04 ms at 3.35 TB/s,
-        times 49 norms, forward and backward. The matmuls and SDPA stay cuBLAS/FlashAttention calls. All blocks share one
-        compiled graph (same code, parameters are graph inputs), so compile time does not grow
-        with depth.
+        intermediates) where the fused kernel moves 134 MB: ~0.35 ms against ~0.04 ms at
+        3.35 TB/s, for each of the 49 norms, forward and backward again. The matmuls and SDPA stay
+        cuBLAS/FlashAttention calls. All blocks share one compiled graph (same code, parameters
+        are graph inputs), so compile time does not grow with depth.
         """
         for block in self.layers:
             block.compile()
+
+    def fuse_elementwise_ops(self) -> None:
+        """Compile only the parameter-free element-wise chains (RMSNorm, RoPE, SwiGLU): the
+        fusion of :meth:`compile_blocks` without compiling the blocks (what ZeRO-3 needs).
+
+        Why not whole blocks under ZeRO-3: DeepSpeed's gather/release hooks on every sub-module
+        then run inside the compiled block, where they break the graph at each sub-module call
+        and guard on the module's id (measured on CPU, torch 2.13 + DeepSpeed 0.19.8: 19 graph
+        breaks and a recompile per layer in 4 steps of a 2-layer model). These functions have no
+        parameters and no hooks: each compiles once.
+        """
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, Attention, FeedForward)):
+                module.fused = True
 
     def reset_parameters(self) -> None:
         """GPT-2 style init: N(0, 0.02), residual output projections scaled by 1/sqrt(2L)."""

@@ -55,7 +55,7 @@ import torch.distributed as dist
 
 from megareweight.config import ConfigError, ExperimentConfig
 from megareweight.model import ModelArgs, Transformer, build_model, count_parameters
-from megareweight.train.engine import make_optimizer, to_device
+from megareweight.train.engine import apply_compile, make_optimizer, to_device
 from megareweight.train.objective import ReweightedLM
 
 AUTO = "auto"
@@ -203,6 +203,7 @@ class DeepSpeedEngine:
         model = module.model
         if self.stage == 3 and model.args.tie_embeddings:
             deepspeed.zero.register_external_parameter(model.lm_head, model.embed.weight)
+        apply_compile(model, cfg.train.compile, hooks_every_module=self.stage == 3)
         optimizer = None if "optimizer" in ds_config else make_optimizer(module, cfg)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=module, optimizer=optimizer, model_parameters=None if optimizer else module.parameters(),
@@ -219,6 +220,8 @@ class DeepSpeedEngine:
         """Accumulate (DeepSpeed scales by 1/gas). Between boundaries DeepSpeed's ``step`` only
         advances its micro-step counter; the boundary step is :meth:`step`."""
         self.engine.backward(loss)
+        if self.stage == 3:
+            _trim_module_stack(self.engine.module)
         if not self.engine.is_gradient_accumulation_boundary():
             self.engine.step()
 
@@ -294,6 +297,22 @@ class DeepSpeedEngine:
             self.engine._config.load_universal_checkpoint = False
         for group, saved in zip(self.engine.optimizer.param_groups, groups):
             group.update({k: v for k, v in saved.items() if k != "lr"})
+
+
+def _trim_module_stack(root: torch.nn.Module) -> None:
+    """Drop what activation recomputation left on ZeRO-3's forward-module stack.
+
+    DeepSpeed 0.19.8 pushes a module on ``FWD_MODULE_STACK`` in its pre-forward hook and pops it
+    in the post-forward hook. Recomputation (non-reentrant checkpointing) stops inside the
+    sub-module being differentiated, so its post-forward hook never runs: a few entries per
+    checkpointed block and micro-batch, for the whole run. After a backward no forward is in
+    flight, so everything above the root module is stale.
+    """
+    from deepspeed.runtime.zero import parameter_offload
+
+    stack = getattr(parameter_offload, "FWD_MODULE_STACK", None)
+    if stack and stack[0] is root:
+        del stack[1:]
 
 
 def _convert_to_universal(source: Path, target: Path) -> None:

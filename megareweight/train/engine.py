@@ -20,6 +20,7 @@ from typing import Any, Optional
 import torch
 
 from megareweight.config import ExperimentConfig
+from megareweight.model import Transformer
 from megareweight.train.objective import ReweightedLM
 
 
@@ -30,6 +31,18 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     stream and the host moves on; from pageable memory it behaves like a plain copy.
     """
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def apply_compile(model: Transformer, setting: bool | str, hooks_every_module: bool) -> None:
+    """``train.compile``: ``blocks``, ``ops``, or true = blocks, except ops when the engine hooks
+    every sub-module (ZeRO-3, see :meth:`Transformer.fuse_elementwise_ops`)."""
+    if setting is False:
+        return
+    mode = setting if isinstance(setting, str) else ("ops" if hooks_every_module else "blocks")
+    if mode == "blocks":
+        model.compile_blocks()
+    else:
+        model.fuse_elementwise_ops()
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -55,6 +68,7 @@ class PlainEngine:
     name = "plain"
 
     def __init__(self, module: ReweightedLM, cfg: ExperimentConfig, device: torch.device):
+        apply_compile(module.model, cfg.train.compile, hooks_every_module=False)
         self.module = module.to(device)
         self.cfg = cfg
         self.device = device

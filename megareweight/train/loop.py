@@ -181,8 +181,6 @@ def train(
         model = build_model(args, activation_checkpointing=cfg.model.activation_checkpointing,
                             checkpoint_every=cfg.model.checkpoint_every or 2)
     n_params = _parameter_count(model)
-    if cfg.train.compile:
-        model.compile_blocks()
     device_hint = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loss_name, loss_fn = get_loss_impl(cfg.loss.impl, device_hint)
     engine = factory(ReweightedLM(model, loss_fn, cfg.reweight.delta), cfg)
