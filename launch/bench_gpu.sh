@@ -65,5 +65,5 @@ for size in ${SIZES:-125m 1.4b}; do
   echo "[bench_gpu] $size: ${cmd[*]}" >&2
   "${cmd[@]}"
   "$python" -m megareweight.train.bench "$out" --warmup "$warmup" --results-dir "$results" \
-    --command "$(printf '%q ' "${cmd[@]}" | sed "s|$out|RUN_DIR|")"
+    --command "$(printf '%q ' "${cmd[@]}" | sed -e "s|$out|RUN_DIR|" -e 's/ $//')"
 done

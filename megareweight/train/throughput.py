@@ -14,7 +14,8 @@
   halving**: the causal mask means a FlashAttention kernel executes about half of these, but
   PaLM, Megatron-LM and torchtitan all count the full square, so MFU figures stay comparable with
   published ones. At the 1.4b shape (d 2048, 24 layers, T 2048, 32k vocabulary) the attention
-  term is 1.21e9 of 9.02e9 FLOPs per token (13 %); halving it would lower MFU by 7 %.
+  term is 1.21e9 of 9.00e9 FLOPs per token (13 %); halving it would lower MFU by 6.7 %
+  (``megareweight model-info --size 1.4b``).
 * Model FLOPs, not hardware FLOPs: recomputation (activation checkpointing; the fused loss's
   "lean" backward that recomputes the logits) is not counted, as MFU's definition requires.
 
