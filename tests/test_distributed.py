@@ -27,9 +27,9 @@ COMPARED = ("loss", "grad_norm", "weight_max", "weight_min", "weight_entropy")
 
 
 def write_config(path: Path, prepared: Path, strategy: str, accum: int, mbs: int = 2, tied: bool = True,
-                 **train) -> Path:
+                 recompute: str = "none", **train) -> Path:
     raw = {
-        "model": {"size": "tiny", "tie_embeddings": tied},
+        "model": {"size": "tiny", "tie_embeddings": tied, "activation_checkpointing": recompute},
         "data": {"prepared": str(prepared), "seq_len": 32, "micro_batch_size": mbs, "eval_sequences": 8},
         "optim": {"lr": 0.01, "warmup_steps": 2},
         "train": {"max_steps": STEPS, "eval_interval": 0, "gradient_accumulation_steps": accum, **train},
@@ -64,9 +64,11 @@ def assert_same_curve(a: list[dict], b: list[dict], rtol: float = 2e-5) -> None:
 def linupper_run(prepared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """2-rank ZeRO-3, LinUpper, 2 accumulation steps, checkpoints every 2 steps, untied LM head
     (the head module owns its matrix; the tied case, where it borrows the embedding, is
-    ``test_uniform_two_ranks_equal_one_process``)."""
+    ``test_uniform_two_ranks_equal_one_process``), the first block recomputed in backward
+    (ZeRO-3 re-gathers its weights during recomputation)."""
     root = tmp_path_factory.mktemp("ds_linupper")
-    config = write_config(root / "c.yaml", prepared_dir, "linupper", accum=2, tied=False, checkpoint_interval=2)
+    config = write_config(root / "c.yaml", prepared_dir, "linupper", accum=2, tied=False, recompute="every_k",
+                          checkpoint_interval=2)
     deepspeed_train(config, DS_TINY, root / "run", 2)
     return config, root / "run"
 

@@ -259,7 +259,8 @@ def train(
                 f"stopped, checkpoint saved in {ckpt_root}. Lower optim.lr or check the data."
             )
         step_done = step + 1
-        meter.add_step(tokens_per_step, time.time() - t0)
+        step_seconds = time.time() - t0
+        meter.add_step(tokens_per_step, step_seconds)
         row: dict[str, Any] = {
             "step": step_done,
             "tokens": meter.tokens,
@@ -269,7 +270,7 @@ def train(
             "strategy": strategy,
             "r": r,
             "skipped_steps": skipped,
-            "step_seconds": time.time() - t0,
+            "step_seconds": step_seconds,
         }
         row.update({f"mixture/{d}": float(w) for d, w in zip(sampler.domains, sampler.weights)})
         row.update({f"epochs/{d}": e for d, e in sampler.epochs().items()})
