@@ -46,7 +46,9 @@ WarmupMode = Literal["uniform", "temperature"]
 Precision = Literal["fp32", "bf16", "fp16"]
 
 
-CheckpointMode = Literal["none", "full", "every_k", "attention", "ffn"]
+#: model.activation_checkpointing values besides true/false (megareweight.model.llama.CHECKPOINT_MODES)
+CHECKPOINT_MODES = ("none", "full", "every_k", "attention", "ffn")
+COMPILE_MODES = ("blocks", "ops")
 
 
 @dataclass
@@ -54,7 +56,7 @@ class ModelConfig:
     size: ModelSize = "small"
     tie_embeddings: Optional[bool] = None  # None: the named size's default
     # What backward recomputes (see megareweight.model.llama); true/false mean full/none.
-    activation_checkpointing: Union[bool, CheckpointMode] = "none"
+    activation_checkpointing: Union[bool, str] = "none"
     checkpoint_every: Optional[int] = None  # k of every_k (default 2); only with every_k
 
 
@@ -111,7 +113,7 @@ class TrainConfig:
     keep_checkpoints: int = 3  # newest complete checkpoints kept on disk (0: all)
     # torch.compile: blocks (every transformer block), ops (RMSNorm/RoPE/SwiGLU only), or true:
     # blocks, except ops under ZeRO-3 (see megareweight.model.llama.Transformer.fuse_elementwise_ops)
-    compile: Union[bool, Literal["blocks", "ops"]] = False
+    compile: Union[bool, str] = False
     peak_tflops: Optional[float] = None  # per-device dense peak for MFU (None: known GPUs only)
 
 
@@ -234,6 +236,10 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     d, o, t, rw, m = cfg.data, cfg.optim, cfg.train, cfg.reweight, cfg.model
     if isinstance(m.activation_checkpointing, bool):
         m.activation_checkpointing = "full" if m.activation_checkpointing else "none"
+    _require(m.activation_checkpointing in CHECKPOINT_MODES, "model.activation_checkpointing",
+             f"{m.activation_checkpointing!r} is not allowed; allowed values: {', '.join(CHECKPOINT_MODES)}, true, false")
+    _require(isinstance(t.compile, bool) or t.compile in COMPILE_MODES, "train.compile",
+             f"{t.compile!r} is not allowed; allowed values: true, false, {', '.join(COMPILE_MODES)}")
     if m.checkpoint_every is not None:
         _require(m.activation_checkpointing == "every_k", "model.checkpoint_every",
                  f"only used with model.activation_checkpointing: every_k (it is {m.activation_checkpointing!r})")
