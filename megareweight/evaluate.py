@@ -1,6 +1,7 @@
 """``megareweight eval``: per-domain loss and perplexity of a checkpoint on any JSONL text.
 
-``--data`` is one ``<domain>.jsonl[.xz|.gz]`` file or a directory of them (the corpus format), so
+``--data`` is one corpus file (``<domain>.jsonl[.gz|.xz|.zst]`` or ``<domain>.parquet``) or a corpus
+directory (see :mod:`megareweight.data.corpus`), so
 held-out text a user brings is scored the same way as the built-in domains: documents are
 tokenized with the run's tokenizer, joined with EOS, cut into non-overlapping windows of the
 training sequence length, and every token is scored once.
@@ -17,17 +18,18 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from megareweight.checkpoint_io import load_model, prepared_dir
-from megareweight.data.corpus import SUFFIXES, iter_documents, list_domains
-from megareweight.data.tokenizer import Tokenizer
+from megareweight.data.corpus import SUFFIXES, corpus_suffix, iter_documents, list_domains
+from megareweight.data.shards import tokenizer_spec
+from megareweight.data.tokenizer import load_tokenizer
 
 
-def _data_files(data: Path) -> dict[str, Path]:
+def _data_files(data: Path) -> dict[str, list[Path]]:
     if data.is_dir():
         return list_domains(data)
-    for suffix in SUFFIXES:
-        if data.name.endswith(suffix) and data.is_file():
-            return {data.name[: -len(suffix)]: data}
-    raise FileNotFoundError(f"--data {data}: not a <domain>.jsonl[.xz|.gz] file or a directory of them")
+    suffix = corpus_suffix(data)
+    if suffix and data.is_file():
+        return {data.name[: -len(suffix)]: [data]}
+    raise FileNotFoundError(f"--data {data}: not a corpus file ({', '.join(SUFFIXES)}) or a directory of them")
 
 
 def _windows(tokens: np.ndarray, seq_len: int) -> np.ndarray:
@@ -50,11 +52,12 @@ def evaluate_checkpoint(
 ) -> dict[str, dict[str, float]]:
     """{domain: {"loss", "perplexity", "tokens"}} plus an ``"average"`` row over domains."""
     model, state = load_model(checkpoint)
+    eos_token = None
     if tokenizer is None:
-        tokenizer = prepared_dir(state) / "tokenizer.model"
+        tokenizer, eos_token = tokenizer_spec(prepared_dir(state))
         if not tokenizer.is_file():
             raise FileNotFoundError(f"tokenizer of the run not found at {tokenizer}; pass --tokenizer")
-    tok = Tokenizer(tokenizer)
+    tok = load_tokenizer(tokenizer, eos_token=eos_token)
     if tok.vocab_size != model.args.vocab_size:
         raise ValueError(f"tokenizer {tokenizer} has {tok.vocab_size} pieces, the model {model.args.vocab_size}")
     seq_len = seq_len or int(state["config"]["data"]["seq_len"])
@@ -67,7 +70,7 @@ def evaluate_checkpoint(
                 break
         windows = _windows(np.asarray(ids[: max_tokens + 1]), seq_len)
         if len(windows) == 0:
-            raise ValueError(f"{path}: fewer than {seq_len + 1} tokens; nothing to score")
+            raise ValueError(f"{path[0] if len(path) == 1 else domain}: fewer than {seq_len + 1} tokens; nothing to score")
         total, count = 0.0, 0
         for i in tqdm(range(0, len(windows), batch_size), desc=f"eval {domain}", disable=not progress, leave=False):
             batch = torch.from_numpy(windows[i : i + batch_size])

@@ -15,6 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from megareweight.model.document_attention import attend, build_document_mask
+
 
 @dataclass(frozen=True)
 class ModelArgs:
@@ -114,14 +116,14 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(args.d_model, args.kv_heads * hd, bias=False)
         self.o_proj = nn.Linear(args.n_heads * hd, args.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask=None) -> torch.Tensor:
         b, t, _ = x.shape
         a = self.args
         q = self.q_proj(x).view(b, t, a.n_heads, a.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, a.kv_heads, a.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, a.kv_heads, a.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=a.kv_heads != a.n_heads)
+        out = attend(q, k, v, mask, gqa=a.kv_heads != a.n_heads)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -144,8 +146,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(args.d_model, args.norm_eps)
         self.ffn = FeedForward(args)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask=None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -184,22 +186,27 @@ class Transformer(nn.Module):
         else:
             p.normal_(std=std)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Hidden states [B, T, D] after the final norm."""
+    #: How documents are kept apart when ``segment_ids`` are given ("auto", "sdpa", "flex").
+    document_attention = "auto"
+
+    def forward(self, input_ids: torch.Tensor, segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Hidden states [B, T, D] after the final norm; with ``segment_ids`` [B, T] attention stays
+        inside each document (see :mod:`megareweight.model.document_attention`)."""
         t = input_ids.shape[1]
         if t > self.args.max_seq_len:
             raise ValueError(f"sequence length {t} exceeds model.max_seq_len {self.args.max_seq_len}")
         cos, sin = rope_tables(self.args.head_dim, t, self.args.rope_theta, input_ids.device)
+        mask = None if segment_ids is None else build_document_mask(segment_ids, self.document_attention)
         x = self.embed(input_ids)
         for layer in self.layers:
             if self.activation_checkpointing and self.training:
-                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
-                x = layer(x, cos, sin)
+                x = layer(x, cos, sin, mask)
         return self.norm(x)
 
-    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.forward(input_ids) @ self.output_weight.t()
+    def logits(self, input_ids: torch.Tensor, segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.forward(input_ids, segment_ids) @ self.output_weight.t()
 
 
 def count_parameters(model: nn.Module) -> int:

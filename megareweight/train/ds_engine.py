@@ -204,7 +204,9 @@ class DeepSpeedEngine:
 
     # -- step ----------------------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor], strategy: str, r: float):
-        return self.engine(batch["input_ids"].to(self.device), batch["labels"].to(self.device), strategy, r)
+        seg = batch.get("segment_ids")
+        return self.engine(batch["input_ids"].to(self.device), batch["labels"].to(self.device), strategy, r,
+                           segment_ids=None if seg is None else seg.to(self.device))
 
     def backward(self, loss: torch.Tensor) -> None:
         """Accumulate (DeepSpeed scales by 1/gas). Between boundaries DeepSpeed's ``step`` only

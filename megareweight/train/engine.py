@@ -52,7 +52,9 @@ class PlainEngine:
 
     def forward(self, batch: dict[str, torch.Tensor], strategy: str, r: float):
         with self._autocast():
-            return self.module(batch["input_ids"].to(self.device), batch["labels"].to(self.device), strategy, r)
+            seg = batch.get("segment_ids")
+            return self.module(batch["input_ids"].to(self.device), batch["labels"].to(self.device), strategy, r,
+                               segment_ids=None if seg is None else seg.to(self.device))
 
     def backward(self, loss: torch.Tensor) -> None:
         loss = loss / self.grad_accum
