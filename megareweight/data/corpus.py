@@ -28,7 +28,7 @@ import json
 import lzma
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterator, Mapping, Sequence, Union
+from typing import IO, Iterator, Mapping, Optional, Sequence, Union
 
 JSONL_SUFFIXES = (
     ".jsonl", ".jsonl.gz", ".jsonl.xz", ".jsonl.zst",
@@ -201,9 +201,10 @@ def _parquet_batches(path: Path, rows: int) -> Iterator[RawBatch]:
         raise CorpusError(f"cannot read {path}: {exc}") from None
 
 
-def iter_raw_batches(path: PathLike, batch_bytes: int = BATCH_BYTES) -> Iterator[RawBatch]:
+def iter_raw_batches(path: PathLike, batch_bytes: Optional[int] = None) -> Iterator[RawBatch]:
     """Cut one corpus file into raw batches (decompression happens here, parsing does not)."""
     path = Path(path)
+    batch_bytes = batch_bytes or BATCH_BYTES
     if not path.is_file():
         raise CorpusError(f"corpus file not found: {path}")
     suffix = corpus_suffix(path)
