@@ -60,7 +60,8 @@ def _as_weights(weights: Mapping[str, float] | Sequence[float], domains: Sequenc
 def window_batch(rows: list[np.ndarray], segments: list[np.ndarray] | None) -> dict[str, torch.Tensor]:
     """Windows of ``seq_len + 1`` tokens (and their document numbers) -> inputs, labels, segment ids."""
     tokens = torch.from_numpy(np.stack(rows))
-    batch = {"input_ids": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous()}
+    # clone: with one row both slices are already contiguous views of the same storage
+    batch = {"input_ids": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].clone()}
     if segments is not None:
         seg = torch.from_numpy(np.stack(segments))
         batch["labels"][seg[:, 1:] != seg[:, :-1]] = IGNORE_INDEX
