@@ -11,6 +11,10 @@ from megareweight.data.corpus import CorpusError, iter_documents, list_domains, 
 from megareweight.data.prepare import prepare
 from megareweight.data.shards import PreparedData, verify_prepared
 from megareweight.data.tokenizer import HuggingFaceTokenizer, load_tokenizer
+from megareweight.cli import main
+from megareweight.evaluate import evaluate_checkpoint
+from megareweight.train.loop import train
+from tests.conftest import tiny_config
 from tests.test_prepare import write_jsonl, write_parquet
 
 DOCS = ["plain text", "two\nlines\tand a tab", "unicode: ü 漢字 🙂", "", "  indented code:\n    return x  "]
@@ -124,6 +128,12 @@ def test_huggingface_tokenizer_json_end_to_end(corpus_dir, tmp_path):
     first = shard.tokens[: shard.offsets[1] - 1].tolist()
     assert data.load_tokenizer().decode(first) in docs
     assert verify_prepared(tmp_path / "p") == []
+    # the run's tokenizer.json serves eval and is what export copies
+    train(tiny_config(tmp_path / "p", train={"max_steps": 2, "eval_interval": 0}), tmp_path / "run", progress=False)
+    scored = evaluate_checkpoint(tmp_path / "run", corpus_dir / "code.jsonl", progress=False)["code"]
+    assert scored["tokens"] > 0 and np.isfinite(scored["loss"])
+    assert main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "hf"), "--quiet"]) == 0
+    assert (tmp_path / "hf" / "tokenizer.json").read_bytes() == path.read_bytes()
 
 
 def test_huggingface_end_token_choice(corpus_dir, prepared_dir, tmp_path):

@@ -12,6 +12,7 @@ import torch
 from kernels.chunked import linear_weighted_ce as chunked_ce
 from kernels.reference import linear_weighted_ce as reference_ce
 from megareweight.config import ConfigError
+from megareweight.evaluate import evaluate_checkpoint
 from megareweight.data.mixture import IGNORE_INDEX, MixtureSampler, validation_batches, window_batch
 from megareweight.data.shards import PreparedData, ShardWriter, TokenShard
 from megareweight.model import build_model, model_args
@@ -150,7 +151,7 @@ def test_reweighted_lm_uses_documents_as_samples_in_training_only():
     assert module(ids, labels, "uniform", 1.0, segment_ids=seg).per_sample_loss.shape == (2,)
 
 
-def test_training_with_document_packing_and_document_samples(prepared_dir, tmp_path):
+def test_training_with_document_packing_and_document_samples(prepared_dir, corpus_dir, tmp_path):
     shapes = []
 
     def factory(module, cfg):
@@ -174,6 +175,9 @@ def test_training_with_document_packing_and_document_samples(prepared_dir, tmp_p
     assert all(np.isfinite(r["loss"]) and r["nonfinite_samples"] == 0 for r in rows)
     evals = [json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
     assert all(np.isfinite(v) for e in evals for k, v in e.items() if k.startswith("loss/"))
+    # `megareweight eval` scores such a run with the document mask: boundary labels are not scored
+    scored = evaluate_checkpoint(tmp_path / "run", corpus_dir / "prose.jsonl", max_tokens=64 * 64, progress=False)
+    assert np.isfinite(scored["prose"]["loss"]) and 64 * 64 - 40 <= scored["prose"]["tokens"] < 64 * 64
 
 
 def test_packing_options_are_validated(prepared_dir):

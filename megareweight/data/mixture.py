@@ -99,6 +99,7 @@ class MixtureSampler:
         self.packing = packing
         self.windows = np.array([s.num_windows(seq_len) for s in self.streams], dtype=np.int64)
         self._salts = [name_salt(d) for d in self.domains]
+        self._orders: dict[int, tuple[int, KeyedPermutation]] = {}
         self.weights = _as_weights(weights, self.domains)
         self._check_domains_usable()
         self.step = 0
@@ -137,9 +138,16 @@ class MixtureSampler:
         out = np.empty_like(within)
         for epoch in np.unique(epochs):
             sel = epochs == epoch
-            perm = KeyedPermutation(n, derive_key(self.seed, self._salts[domain], int(epoch)))
-            out[sel] = perm(within[sel])
+            out[sel] = self._permutation(domain, int(epoch))(within[sel])
         return out
+
+    def _permutation(self, domain: int, epoch: int) -> KeyedPermutation:
+        """The domain's order in ``epoch`` (a few numbers; the current one is kept per domain)."""
+        cached = self._orders.get(domain)
+        if cached is None or cached[0] != epoch:
+            key = derive_key(self.seed, self._salts[domain], epoch)
+            cached = self._orders[domain] = (epoch, KeyedPermutation(int(self.windows[domain]), key))
+        return cached[1]
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         slot_domains, positions = self._plan()
