@@ -35,6 +35,7 @@ tokenizer, ``train/``, ``valid/``, ``parts/``), so no stale shard survives; othe
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import json
 import multiprocessing
@@ -282,6 +283,24 @@ def read_plan(out: Path) -> dict[str, Any]:
     return plan
 
 
+@contextlib.contextmanager
+def _encoder_map(out: Path, plan: dict[str, Any], workers: int) -> Iterator[Callable[[Iterable[RawBatch]], Iterator[EncodedBatch]]]:
+    """A function mapping raw batches to encoded ones, in order: in-process for one worker, else
+    over a pool of ``workers`` single-threaded processes (fork where available)."""
+    args = (str(out / plan["tokenizer"]["file"]), plan["tokenizer"]["eos_token"], plan["dtype"], plan["valid_fraction"])
+    if workers == 1:
+        encoder = Encoder(load_tokenizer(args[0], eos_token=args[1], threads=1), np.dtype(args[2]), args[3])
+        yield lambda batches: map(encoder, batches)
+        return
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    pool = multiprocessing.get_context(method).Pool(workers, initializer=_init_worker, initargs=args)
+    try:
+        yield lambda batches: _ordered_map(pool, _encode_in_worker, batches, in_flight=2 * workers)
+    finally:
+        pool.terminate()
+        pool.join()
+
+
 def prepare_part(out_dir: PathLike, index: int = 0, count: int = 1, workers: int = 1,
                  progress: bool = True) -> dict[str, Any]:
     """Step 2: tokenize this job's files of every domain; returns (and writes) the part record."""
@@ -294,36 +313,20 @@ def prepare_part(out_dir: PathLike, index: int = 0, count: int = 1, workers: int
     name = part_name(index, count)
     _remove_part_files(out, plan, name)
     dtype = np.dtype(plan["dtype"])
-    tok_path = str(out / plan["tokenizer"]["file"])
-    init_args = (tok_path, plan["tokenizer"]["eos_token"], dtype.str, plan["valid_fraction"])
     record: dict[str, Any] = {"part": index, "of": count, "plan_sha256": sha256_file(out / PLAN), "domains": {}}
     start, total = time.time(), 0
-    pool = None
-    if workers > 1:
-        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-        pool = multiprocessing.get_context(method).Pool(workers, initializer=_init_worker, initargs=init_args)
-        encode: Callable[[Iterable[RawBatch]], Iterator[EncodedBatch]] = \
-            lambda batches: _ordered_map(pool, _encode_in_worker, batches, in_flight=2 * workers)
-    else:
-        encoder = Encoder(load_tokenizer(tok_path, eos_token=init_args[1], threads=1), dtype, plan["valid_fraction"])
-        encode = lambda batches: map(encoder, batches)  # noqa: E731
-    try:
+    with _encoder_map(out, plan, workers) as encode:
         for domain, paths in plan["domains"].items():
             mine = [p for i, p in enumerate(paths) if i % count == index]
             writer = _PartWriter(out, domain, name, dtype)
             bar = tqdm(desc=f"tokenize {domain}", unit="tok", unit_scale=True, disable=not progress, leave=False)
-            batches = (b for path in mine for b in iter_raw_batches(path))
-            for enc in encode(batches):
+            for enc in encode(b for path in mine for b in iter_raw_batches(path)):
                 writer.add(enc)
                 bar.update(sum(int(enc.lengths[s].sum()) for s in SPLITS))
             bar.close()
             entries = writer.close()
             record["domains"][domain] = {"files": len(mine), **entries}
             total += sum(e["tokens"] for e in entries.values() if e)
-    finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
     seconds = time.time() - start
     (out / PARTS).mkdir(exist_ok=True)
     _write_json(out / PARTS / f"{name}.json", record)
