@@ -15,7 +15,10 @@
    file-backed and excluded) over opening, building the sampler and 1000 batches; next to it, the
    bytes a materialised permutation (8 per window) would need.
 3. **Preparation** (optional, ``--prepare-corpus``): ``prepare`` tokens/s with 1 and 2 worker
-   processes on a corpus (tokenizer trained once, not timed), ``--repeats`` runs each.
+   processes on a corpus (tokenizer trained once, not timed), ``--repeats`` interleaved runs each,
+   with the CPU seconds of the main process (decompression, writing) and of the workers (parsing,
+   hashing, tokenizing): on a shared machine tokens/s depends on the background load, the CPU
+   split shows what bounds the speed-up (Amdahl: the main process's share).
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import tempfile
@@ -119,17 +123,31 @@ def prepare_throughput(corpus: Path, work: Path, repeats: int) -> dict[str, Any]
     base = work / "tok"
     init_preparation(base, corpus, vocab_size=4096)
     tok = base / "tokenizer.model"
-    runs: dict[str, list[float]] = {}
+    runs: dict[str, list[dict[str, float]]] = {}
     tokens = 0
     for _ in range(repeats):
-        for workers in (1, 2):
+        for workers in (1, 2):  # interleaved, so both see the same background load
             out = work / f"w{workers}"
             init_preparation(out, corpus, tokenizer_model=tok, overwrite=True)
+            main0, kids0 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
             record = prepare_part(out, workers=workers, progress=False)
+            main1, kids1 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
             tokens = record["tokens"]
-            runs.setdefault(str(workers), []).append(record["tokens"] / record["seconds"])
-    return {"corpus": str(corpus), "tokens": tokens, "repeats": repeats,
-            "tokens_per_s": {w: {"median": round(statistics.median(r)), "runs": [round(x) for x in r]} for w, r in runs.items()}}
+            runs.setdefault(str(workers), []).append({
+                "tokens_per_s": tokens / record["seconds"],
+                "main_cpu_s": _cpu(main1) - _cpu(main0),
+                "worker_cpu_s": _cpu(kids1) - _cpu(kids0),
+            })
+    return {"corpus": str(corpus), "tokens": tokens, "repeats": repeats, "workers": {
+        w: {"tokens_per_s_median": round(statistics.median(r["tokens_per_s"] for r in rs)),
+            "tokens_per_s_runs": [round(r["tokens_per_s"]) for r in rs],
+            "main_cpu_s_median": round(statistics.median(r["main_cpu_s"] for r in rs), 2),
+            "worker_cpu_s_median": round(statistics.median(r["worker_cpu_s"] for r in rs), 2)}
+        for w, rs in runs.items()}}
+
+
+def _cpu(usage: "resource.struct_rusage") -> float:
+    return usage.ru_utime + usage.ru_stime
 
 
 def main(argv: list[str] | None = None) -> int:
