@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from kernels.chunked import linear_weighted_ce as chunked_ce
+from kernels import get_loss_impl
 from kernels.reference import linear_weighted_ce as reference_ce
 from megareweight.config import ConfigError
 from megareweight.evaluate import evaluate_checkpoint
@@ -126,6 +126,7 @@ def test_per_document_losses_and_weights():
     out.loss.backward()
     grads = hidden.grad.clone(), weight.grad.clone()
     hidden.grad = weight.grad = None
+    _, chunked_ce = get_loss_impl("chunked", "cpu")
     other = chunked_ce(hidden, weight, labels, strategy="linupper", r=0.5, segment_ids=seg, num_segments=segments)
     other.loss.backward()
     torch.testing.assert_close(other.loss, out.loss)
