@@ -257,4 +257,5 @@ def test_per_document_samples_two_ranks_equal_one_process(prepared_dir: Path, tm
     deepspeed_train(config, DS_TINY, tmp_path / "run", 2)
     ds = read_metrics(tmp_path / "run")
     assert ds[-1]["weight_max"] > ds[-1]["weight_min"] * 1.01 and all(r["nonfinite_samples"] == 0 for r in ds)
-    assert_same_curve(ds, plain_reference(config, tmp_path / "plain"))
+    # fp32 round-off of other summation orders grows over the steps (seen: 3e-5 in step 4's grad norm)
+    assert_same_curve(ds, plain_reference(config, tmp_path / "plain"), rtol=1e-4)
