@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from megareweight.checkpoint_io import load_model, prepared_dir
+from megareweight.data.shards import tokenizer_spec
 from megareweight.model import ModelArgs
 
 _RENAMES = [
@@ -75,9 +76,9 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
         tensors[hf_name(name)] = tensor.detach().to(torch.float32).contiguous()
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(hf_config(model.args), indent=2))
-    prepared = prepared_dir(state)
-    if (prepared / "tokenizer.model").is_file():
-        shutil.copyfile(prepared / "tokenizer.model", out / "tokenizer.model")
+    tokenizer, _ = tokenizer_spec(prepared_dir(state))
+    if tokenizer.is_file():
+        shutil.copyfile(tokenizer, out / tokenizer.name)  # tokenizer.model or a Hugging Face tokenizer.json
     else:
-        warnings.warn(f"the run's tokenizer ({prepared / 'tokenizer.model'}) is gone; exported the model without it")
+        warnings.warn(f"the run's tokenizer ({tokenizer}) is gone; exported the model without it")
     return out

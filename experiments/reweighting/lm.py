@@ -228,14 +228,14 @@ def _train_locked(out: Path, cfg: dict[str, Any], external: Path, method: str, s
     start = time.time()
     print(f"[lm] {method} seed {seed}: training ({threads} thread(s)) -> {out}", flush=True)
     train = subprocess.run([sys.executable, "-m", "megareweight.cli", "train", "--config", str(cfg_path),
-                            "--out", str(out), "--resume", "--quiet"], env=env, stdout=log, stderr=log,
+                            "--out", str(out), "--resume", "--quiet"], env=env, cwd=code, stdout=log, stderr=log,
                            pass_fds=(lock_fd,))
     if train.returncode != 0:
         return f"{method} seed {seed}: train exited {train.returncode}, see {out / 'train.log'}"
     score = subprocess.run([sys.executable, "-m", "megareweight.cli", "eval", "--checkpoint", str(out),
                             "--data", str(external), "--max-tokens", str(EXTERNAL_TOKENS), "--batch-size", "32",
                             "--json-out", str(out / "external_eval.json.tmp"), "--json", "--quiet"],
-                           env=env, stdout=log, stderr=log, pass_fds=(lock_fd,))
+                           env=env, cwd=code, stdout=log, stderr=log, pass_fds=(lock_fd,))
     if score.returncode != 0:
         return f"{method} seed {seed}: eval exited {score.returncode}, see {out / 'train.log'}"
     os.replace(out / "external_eval.json.tmp", out / "external_eval.json")
@@ -257,7 +257,7 @@ def git_commit(paths: list[Path], message: str) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    work, out = Path(args.work), Path(args.out)
+    work, out = Path(args.work).resolve(), Path(args.out)
     prepared, external = ensure_inputs(work, Path(args.corpus))
     queue = [(m, s) for s in range(args.seeds) for m in METHODS]  # seed-major: partial results stay paired
     errors: list[str] = []
@@ -283,7 +283,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_measure(args: argparse.Namespace) -> int:
     """Tokens/s of this experiment's model: 1 run with 2 threads vs 2 concurrent runs with 1 thread."""
-    work = Path(args.work)
+    work = Path(args.work).resolve()
     prepared, _ = ensure_inputs(work, Path(args.corpus))
     results = []
     for jobs, threads in ((1, 2), (2, 1)):
@@ -302,7 +302,8 @@ def cmd_measure(args: argparse.Namespace) -> int:
             env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(code_snapshot(work)),
                    "WANDB_MODE": "disabled"}
             procs.append(subprocess.Popen([sys.executable, "-m", "megareweight.cli", "train", "--config",
-                                           str(out / "cfg.yaml"), "--out", str(out), "--quiet"], env=env))
+                                           str(out / "cfg.yaml"), "--out", str(out), "--quiet"], env=env,
+                                          cwd=env["PYTHONPATH"]))
             outs.append(out)
         for p in procs:
             p.wait()
