@@ -210,7 +210,7 @@ def train_one(work: Path, prepared: Path, external: Path, method: str, seed: int
         return None
     try:
         while trainer_alive(out):  # left running by a stopped invocation: let it finish, then resume
-            time.sleep(30)
+            time.sleep(10)
         return _train_locked(out, cfg, external, method, seed, threads, lock.fileno(), code_snapshot(work))
     finally:
         lock.close()
@@ -226,12 +226,14 @@ def _train_locked(out: Path, cfg: dict[str, Any], external: Path, method: str, s
            "PYTHONPATH": str(code), "WANDB_MODE": "disabled"}
     log = open(out / "train.log", "a")
     start = time.time()
-    print(f"[lm] {method} seed {seed}: training ({threads} thread(s)) -> {out}", flush=True)
-    train = subprocess.run([sys.executable, "-m", "megareweight.cli", "train", "--config", str(cfg_path),
-                            "--out", str(out), "--resume", "--quiet"], env=env, cwd=code, stdout=log, stderr=log,
-                           pass_fds=(lock_fd,))
-    if train.returncode != 0:
-        return f"{method} seed {seed}: train exited {train.returncode}, see {out / 'train.log'}"
+    trained = (out / "summary.json").is_file() and _same_values(cfg, yaml.safe_load((out / "config.yaml").read_text()))
+    if not trained:  # summary.json is written when training ends; then only scoring is left
+        print(f"[lm] {method} seed {seed}: training ({threads} thread(s)) -> {out}", flush=True)
+        train = subprocess.run([sys.executable, "-m", "megareweight.cli", "train", "--config", str(cfg_path),
+                                "--out", str(out), "--resume", "--quiet"], env=env, cwd=code, stdout=log,
+                               stderr=log, pass_fds=(lock_fd,))
+        if train.returncode != 0:
+            return f"{method} seed {seed}: train exited {train.returncode}, see {out / 'train.log'}"
     score = subprocess.run([sys.executable, "-m", "megareweight.cli", "eval", "--checkpoint", str(out),
                             "--data", str(external), "--max-tokens", str(EXTERNAL_TOKENS), "--batch-size", "32",
                             "--json-out", str(out / "external_eval.json.tmp"), "--json", "--quiet"],
