@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from megareweight.checkpoint_io import load_model, prepared_dir
+from megareweight.checkpoint_io import load_model, run_tokenizer
 from megareweight.data.corpus import SUFFIXES, iter_documents, list_domains
 from megareweight.data.tokenizer import Tokenizer
 
@@ -32,7 +32,7 @@ def _data_files(data: Path) -> dict[str, Path]:
 
 def _windows(tokens: np.ndarray, seq_len: int) -> np.ndarray:
     n = (tokens.size - 1) // seq_len
-    if n == 0:
+    if n <= 0:
         return np.zeros((0, seq_len + 1), dtype=np.int64)
     starts = np.arange(n) * seq_len
     return np.stack([tokens[s : s + seq_len + 1] for s in starts]).astype(np.int64)
@@ -50,10 +50,7 @@ def evaluate_checkpoint(
 ) -> dict[str, dict[str, float]]:
     """{domain: {"loss", "perplexity", "tokens"}} plus an ``"average"`` row over domains."""
     model, state = load_model(checkpoint)
-    if tokenizer is None:
-        tokenizer = prepared_dir(state) / "tokenizer.model"
-        if not tokenizer.is_file():
-            raise FileNotFoundError(f"tokenizer of the run not found at {tokenizer}; pass --tokenizer")
+    tokenizer = run_tokenizer(checkpoint, state, tokenizer)
     tok = Tokenizer(tokenizer)
     if tok.vocab_size != model.args.vocab_size:
         raise ValueError(f"tokenizer {tokenizer} has {tok.vocab_size} pieces, the model {model.args.vocab_size}")
@@ -67,7 +64,7 @@ def evaluate_checkpoint(
                 break
         windows = _windows(np.asarray(ids[: max_tokens + 1]), seq_len)
         if len(windows) == 0:
-            raise ValueError(f"{path}: fewer than {seq_len + 1} tokens; nothing to score")
+            raise ValueError(f"{path}: {len(ids)} tokens, fewer than one window of {seq_len + 1}; nothing to score")
         total, count = 0.0, 0
         for i in tqdm(range(0, len(windows), batch_size), desc=f"eval {domain}", disable=not progress, leave=False):
             batch = torch.from_numpy(windows[i : i + batch_size])

@@ -59,7 +59,13 @@ class PlainEngine:
         (self._scaler.scale(loss) if self._scaler else loss).backward()
 
     def step(self, lr: float) -> torch.Tensor:
-        """Clip, check the gradients are finite, step. Returns the pre-clip grad norm (device)."""
+        """Clip, check the gradients are finite, step. Returns the pre-clip grad norm (device).
+
+        A non-finite norm skips the update. Under fp16 ``scaler.update()`` runs on every step,
+        skipped or not: it lowers the scale after an overflow (``unscale_`` recorded the inf/NaN)
+        and resets the scaler's per-step "already unscaled" record; skipping it made the next step
+        fail with "unscale_() has already been called".
+        """
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         if self._scaler:
@@ -70,11 +76,17 @@ class PlainEngine:
         if torch.isfinite(norm):
             if self._scaler:
                 self._scaler.step(self.optimizer)
-                self._scaler.update()
             else:
                 self.optimizer.step()
+        if self._scaler:
+            self._scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
+
+    @property
+    def loss_scale(self) -> float:
+        """The fp16 loss scale (1.0 without fp16)."""
+        return float(self._scaler.get_scale()) if self._scaler else 1.0
 
     def skip_step(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -84,12 +96,17 @@ class PlainEngine:
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        torch.save({"model": self.module.model.state_dict(), "optimizer": self.optimizer.state_dict()}, directory / "engine.pt")
+        state = {"model": self.module.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        if self._scaler:  # the fp16 loss scale and its growth tracker: part of an exact resume
+            state["scaler"] = self._scaler.state_dict()
+        torch.save(state, directory / "engine.pt")
 
     def load(self, directory: Path) -> None:
         state = torch.load(directory / "engine.pt", map_location=self.device, weights_only=True)
         self.module.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self._scaler and "scaler" in state:
+            self._scaler.load_state_dict(state["scaler"])
 
     def barrier(self) -> None:
         pass

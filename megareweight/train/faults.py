@@ -1,0 +1,86 @@
+"""Fault injection for tests and drills: a non-finite sample on a chosen step and rank.
+
+``MEGAREWEIGHT_FAULT_NAN=STEP:RANK[:SAMPLE|all][:hidden|loss]`` poisons the first micro-batch of
+training step ``STEP`` (1-based, the ``step`` of ``metrics.jsonl``) on global rank ``RANK``:
+
+* ``hidden`` (default): the sample's final hidden states become NaN, so the NaN reaches the
+  loss *and* the gradients (of the LM head and, through it, of every layer), as a real overflow
+  does. The step must be skipped on every rank.
+* ``loss``: only the sample's loss is non-finite: its tokens are withheld from the loss, which then
+  reports the sample's loss as NaN and gives it weight 0 and no gradient, exactly what the loss
+  path does with a sample whose loss alone is not finite. The step must be applied.
+
+``SAMPLE`` is the index in the rank's micro-batch (default 0) or ``all``. Several faults are
+separated by commas (``3:1,5:0:loss``). Unset, nothing is wrapped and nothing costs anything. A
+malformed value is a one-line error naming the variable.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from megareweight.config import ConfigError
+
+ENV = "MEGAREWEIGHT_FAULT_NAN"
+MODES = ("hidden", "loss")
+
+
+@dataclass(frozen=True)
+class NanFault:
+    step: int
+    rank: int
+    sample: Optional[int]  # None: every sample of the micro-batch
+    mode: str = "hidden"
+
+
+def parse(text: str) -> NanFault:
+    parts = text.strip().split(":")
+    usage = f"{ENV}={text!r}: expected STEP:RANK[:SAMPLE|all][:hidden|loss], e.g. 3:1 or 3:0:all:loss"
+    if not 2 <= len(parts) <= 4 or not all(p.isdigit() for p in parts[:2]):
+        raise ConfigError(usage)
+    mode = parts.pop() if len(parts) > 2 and parts[-1] in MODES else "hidden"
+    sample = parts[2] if len(parts) == 3 else "0"
+    if not (sample.isdigit() or sample == "all") or int(parts[0]) < 1:
+        raise ConfigError(usage)
+    return NanFault(int(parts[0]), int(parts[1]), None if sample == "all" else int(sample), mode)
+
+
+class FaultInjector:
+    """Wraps the loss function; the loop sets :attr:`step` (1-based) before each step."""
+
+    def __init__(self, faults: list[NanFault], rank: int):
+        self.faults, self.rank = faults, rank
+        self.step = 0
+        self._fired_at = -1
+
+    def _due(self) -> Optional[NanFault]:
+        """This step's fault for this rank, once per step (the first micro-batch), while training."""
+        if self._fired_at == self.step or not torch.is_grad_enabled():  # evaluation runs under no_grad
+            return None
+        fault = next((f for f in self.faults if f.step == self.step and f.rank == self.rank), None)
+        if fault is not None:
+            self._fired_at = self.step
+        return fault
+
+    def wrap(self, loss_fn: Callable) -> Callable:
+        def poisoned(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, **kw):
+            fault = self._due()
+            if fault is not None:
+                rows = slice(None) if fault.sample is None else fault.sample
+                if fault.mode == "hidden":
+                    hidden = hidden.clone()
+                    hidden[rows] = float("nan")
+                else:
+                    labels = labels.clone()
+                    labels[rows] = kw.get("ignore_index", -100)
+            return loss_fn(hidden, weight, labels, **kw)
+
+        return poisoned
+
+
+def from_env(rank: int) -> Optional[FaultInjector]:
+    text = os.environ.get(ENV, "").strip()
+    return FaultInjector([parse(part) for part in text.split(",")], rank) if text else None
