@@ -8,10 +8,13 @@ gradient norms must agree to fp32 round-off.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
-import sys
-import textwrap
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +22,8 @@ import pytest
 import yaml
 
 from megareweight.config import ConfigError, load_config
-from tests._launch import REPO, deepspeed_train, free_port, read_metrics, run_group
+from megareweight.train import checkpoint as ckpt
+from tests._launch import REPO, cleanup_shm, deepspeed_command, deepspeed_train, free_port, launch_env, read_metrics
 
 DS_TINY = REPO / "ds_configs" / "zero3_cpu_tiny.json"
 STEPS = 4
@@ -196,50 +200,84 @@ def test_export_from_zero3_checkpoint_matches_one_process(linupper_run, tmp_path
         np.testing.assert_allclose(hf(ids).logits.numpy(), reference.logits(ids).numpy(), rtol=1e-3, atol=1e-3)
 
 
-POISON_SCRIPT = textwrap.dedent("""
-    # Train on 2 DeepSpeed ranks; the loss sees NaN hidden states on every rank's 3rd training forward.
-    import sys
-    import torch
-    from megareweight.config import load_config
-    from megareweight.train.ds_engine import deepspeed_engine_factory
-    from megareweight.train.loop import train
-
-    config, ds_json, out = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
-    base = deepspeed_engine_factory(ds_json)
-    calls = {"n": 0}
-
-    def factory(module, cfg):
-        inner = module.loss_fn
-
-        def loss_fn(hidden, weight, labels, **kw):
-            if module.training:
-                calls["n"] += 1
-                if calls["n"] == 3:
-                    hidden = torch.full_like(hidden, float("nan"))
-            return inner(hidden, weight, labels, **kw)
-
-        module.loss_fn = loss_fn
-        return base(module, cfg)
-
-    if hasattr(base, "model_init"):
-        factory.model_init = base.model_init
-    train(load_config(config), out, engine_factory=factory, progress=False)
-""")
+def plain_faulted_reference(config: Path, out: Path, faults: str, monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    monkeypatch.setenv("MEGAREWEIGHT_FAULT_NAN", faults)
+    try:
+        return plain_reference(config, out)
+    finally:
+        monkeypatch.delenv("MEGAREWEIGHT_FAULT_NAN")
 
 
-def test_zero3_skips_a_step_whose_losses_are_all_nonfinite(prepared_dir: Path, tmp_path: Path) -> None:
-    """DeepSpeed's skip path: the poisoned step is skipped on both ranks, training goes on, weights stay finite."""
-    script = tmp_path / "poison.py"
-    script.write_text(POISON_SCRIPT)
-    config = write_config(tmp_path / "c.yaml", prepared_dir, "linupper", accum=1)
-    out = tmp_path / "run"
-    port = free_port()
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_accelerators", "2", "--master_port", str(port),
-           str(script), str(config), str(DS_TINY), str(out)]
-    run_group([cmd], port, 240, tmp_path / "poison.log")
-    rows = read_metrics(out)
-    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
-    assert rows[2]["nonfinite_samples"] == 4 and rows[2]["skipped_steps"] == 1
-    assert rows[-1]["skipped_steps"] == 1 and all(np.isfinite(r["loss"]) for i, r in enumerate(rows) if i != 2)
-    summary = json.loads((out / "summary.json").read_text())
+def test_zero3_skips_nonfinite_gradients_on_every_rank(prepared_dir: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """MEGAREWEIGHT_FAULT_NAN on 2 ZeRO-3 ranks: step 3 one NaN sample on rank 1 (NaN gradients), step 5
+    every sample on both ranks, step 6 one NaN loss only on rank 0. The run must equal the one-process
+    run with the same faults: the skipped steps were skipped everywhere, the others applied everywhere."""
+    config = write_config(tmp_path / "c.yaml", prepared_dir, "linupper", accum=1, max_steps=6)
+    deepspeed_train(config, DS_TINY, tmp_path / "run", 2, env={"MEGAREWEIGHT_FAULT_NAN": "3:1:0,5:0:all,5:1:all,6:0:1:loss"})
+    ds = read_metrics(tmp_path / "run")
+    # Rank r's sample s is sample 2r+s of the one-process micro-batch (rank-major slots).
+    plain = plain_faulted_reference(config, tmp_path / "plain", "3:0:2,5:0:all,6:0:1:loss", monkeypatch)
+    assert [r["nonfinite_samples"] for r in ds] == [0, 0, 1, 0, 4, 1]
+    assert [r["skipped_steps"] for r in ds] == [0, 0, 1, 1, 2, 2]
+    assert not np.isfinite(ds[2]["grad_norm"]) and np.isfinite(ds[5]["grad_norm"])
+    applied = [i for i in range(6) if i not in (2, 4)]
+    for key in ("loss", "weight_max", "weight_min", "weight_entropy", "nonfinite_samples", "skipped_steps"):
+        np.testing.assert_allclose([r[key] for r in ds], [r[key] for r in plain], rtol=2e-5, atol=1e-6, err_msg=key)
+    np.testing.assert_allclose([ds[i]["grad_norm"] for i in applied], [plain[i]["grad_norm"] for i in applied],
+                               rtol=2e-5)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert all(np.isfinite(summary[f"loss/{d}"]) for d in ("code", "numbers", "prose"))
+
+
+def _rank_pids(launcher: subprocess.Popen) -> dict[int, int]:
+    """{local rank: pid} of the launcher's trainer processes (started with ``--local_rank=N``)."""
+    import psutil
+
+    ranks = {}
+    for child in psutil.Process(launcher.pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            for arg in child.cmdline():
+                if arg.startswith("--local_rank="):
+                    ranks[int(arg.split("=")[1])] = child.pid
+    return ranks
+
+
+def test_sigusr1_to_one_rank_stops_all_ranks_with_a_checkpoint(prepared_dir: Path, tmp_path: Path) -> None:
+    """SLURM's advance warning reaches one rank: both agree on the step, write one checkpoint, exit 138;
+    the resumed run equals the one-process run; a new run into the directory is refused on every rank."""
+    config = write_config(tmp_path / "c.yaml", prepared_dir, "linupper", accum=1, max_steps=12)
+    out = tmp_path / "run"
+    out.mkdir()
+    port = free_port()
+    with open(tmp_path / "stopped.log", "w") as log:
+        launcher = subprocess.Popen(deepspeed_command(config, DS_TINY, out, 2, port), cwd=REPO, env=launch_env(),
+                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and launcher.poll() is None:
+            if (out / "metrics.jsonl").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) >= 2:
+                break
+            time.sleep(0.05)
+        os.kill(_rank_pids(launcher)[1], signal.SIGUSR1)
+        launcher.wait(timeout=240)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.wait()
+        cleanup_shm(port)
+    text = (tmp_path / "stopped.log").read_text()
+    assert launcher.returncode == 138, text[-3000:]
+    latest = ckpt.find_latest(out / "checkpoints")
+    step = ckpt.read_state(latest)["step"]
+    assert 2 <= step < 12 and [r["step"] for r in read_metrics(out)] == list(range(1, step + 1))
+    assert sorted(p.name for p in (latest / "engine").glob("*optim_states.pt")) == \
+        ["zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    assert f"stopped by SIGUSR1 after step {step}; checkpoint {latest}" in text
+    deepspeed_train(config, DS_TINY, out, 2, "--resume")
+    # 12 steps of fp32 round-off between 2-rank ZeRO-3 and one process: 1e-4 (the 4-step tests: 2e-5).
+    assert_same_curve(read_metrics(out), plain_reference(config, tmp_path / "plain"), rtol=1e-4)
+    # Rank 0 refuses a new run into this directory; rank 1 hears it and exits too (no hang).
+    with pytest.raises(AssertionError, match=r"launcher exited with \[2\]"):
+        deepspeed_train(config, DS_TINY, out, 2, timeout=120)
+    assert "already holds a run" in (tmp_path / "run.log").read_text()
