@@ -147,7 +147,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume-from", metavar="STEP|PATH", default=None,
                    help="continue from this checkpoint (a step of --out's checkpoints, or a checkpoint directory)")
     p.add_argument("--overwrite", action="store_true",
-                   help="start a new run even if --out holds another run (its checkpoints, metrics and wandb files are removed)")
+                   help="start a new run even if --out holds another run (whose checkpoints, metrics and wandb "
+                        "files are removed)")
     p.add_argument("--deepspeed", metavar="JSON", default=None, help="DeepSpeed config; runs under DeepSpeed")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
     p.add_argument("--quiet", action="store_true", help="no progress bars or banners")
@@ -240,7 +241,10 @@ def _bad_input_types() -> tuple[type, ...]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a bad argument (2, one line already printed)
+        return int(exc.code or 0)
     if getattr(args, "quiet", False):
         os.environ.setdefault("WANDB_SILENT", "true")
     try:

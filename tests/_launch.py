@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -91,6 +92,16 @@ def deepspeed_train(config: Path, ds_json: Path, out: Path, nproc: int, *extra: 
     out.mkdir(parents=True, exist_ok=True)
     run_group([deepspeed_command(config, ds_json, out, nproc, port, *extra)], port, timeout,
               out.parent / f"{out.name}.log", extra_env=env)
+
+
+def wait_for_metrics(out: Path, rows: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+    """Wait until ``out/metrics.jsonl`` has ``rows`` rows (or the process ended, or ``timeout``)."""
+    deadline = time.time() + timeout
+    path = out / "metrics.jsonl"
+    while time.time() < deadline and proc.poll() is None:
+        if path.is_file() and len(path.read_text().splitlines()) >= rows:
+            return
+        time.sleep(0.02)
 
 
 def read_metrics(out: Path) -> list[dict]:

@@ -14,7 +14,6 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,8 @@ import yaml
 
 from megareweight.config import ConfigError, load_config
 from megareweight.train import checkpoint as ckpt
-from tests._launch import REPO, cleanup_shm, deepspeed_command, deepspeed_train, free_port, launch_env, read_metrics
+from tests._launch import (REPO, cleanup_shm, deepspeed_command, deepspeed_train, free_port, launch_env, read_metrics,
+                           wait_for_metrics)
 
 DS_TINY = REPO / "ds_configs" / "zero3_cpu_tiny.json"
 STEPS = 4
@@ -214,7 +214,8 @@ def test_zero3_skips_nonfinite_gradients_on_every_rank(prepared_dir: Path, tmp_p
     every sample on both ranks, step 6 one NaN loss only on rank 0. The run must equal the one-process
     run with the same faults: the skipped steps were skipped everywhere, the others applied everywhere."""
     config = write_config(tmp_path / "c.yaml", prepared_dir, "linupper", accum=1, max_steps=6)
-    deepspeed_train(config, DS_TINY, tmp_path / "run", 2, env={"MEGAREWEIGHT_FAULT_NAN": "3:1:0,5:0:all,5:1:all,6:0:1:loss"})
+    deepspeed_train(config, DS_TINY, tmp_path / "run", 2,
+                    env={"MEGAREWEIGHT_FAULT_NAN": "3:1:0,5:0:all,5:1:all,6:0:1:loss"})
     ds = read_metrics(tmp_path / "run")
     # Rank r's sample s is sample 2r+s of the one-process micro-batch (rank-major slots).
     plain = plain_faulted_reference(config, tmp_path / "plain", "3:0:2,5:0:all,6:0:1:loss", monkeypatch)
@@ -254,11 +255,7 @@ def test_sigusr1_to_one_rank_stops_all_ranks_with_a_checkpoint(prepared_dir: Pat
         launcher = subprocess.Popen(deepspeed_command(config, DS_TINY, out, 2, port), cwd=REPO, env=launch_env(),
                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline and launcher.poll() is None:
-            if (out / "metrics.jsonl").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) >= 2:
-                break
-            time.sleep(0.05)
+        wait_for_metrics(out, 2, launcher)
         os.kill(_rank_pids(launcher)[1], signal.SIGUSR1)
         launcher.wait(timeout=240)
     finally:
@@ -281,3 +278,11 @@ def test_sigusr1_to_one_rank_stops_all_ranks_with_a_checkpoint(prepared_dir: Pat
     with pytest.raises(AssertionError, match=r"launcher exited with \[2\]"):
         deepspeed_train(config, DS_TINY, out, 2, timeout=120)
     assert "already holds a run" in (tmp_path / "run.log").read_text()
+
+
+def test_deepspeed_versions_that_apply_nan_steps_are_refused() -> None:
+    from megareweight.train.ds_engine import check_deepspeed_version
+
+    with pytest.raises(ConfigError, match=r"deepspeed 0\.19\.6 is installed; megareweight needs deepspeed>=0\.19\.8"):
+        check_deepspeed_version("0.19.6")
+    check_deepspeed_version("0.19.8")

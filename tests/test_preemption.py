@@ -6,7 +6,6 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from megareweight.train import checkpoint as ckpt
 from megareweight.train.engine import PlainEngine
 from megareweight.train.loop import train
 from megareweight.train.signals import StoppedBySignal
-from tests._launch import REPO, read_metrics
+from tests._launch import REPO, read_metrics, wait_for_metrics
 from tests.conftest import tiny_config
 from tests.test_reliability import _cli, _write_config
 
@@ -31,11 +30,7 @@ def test_sigterm_writes_a_checkpoint_and_resume_equals_the_uninterrupted_run(pre
     proc = subprocess.Popen(_cli("train", "--config", str(config), "--out", str(run), "--quiet"), env=env,
                             stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None:
-            if (run / "metrics.jsonl").is_file() and len((run / "metrics.jsonl").read_text().splitlines()) >= 3:
-                break
-            time.sleep(0.01)
+        wait_for_metrics(run, 3, proc)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
     finally:
@@ -103,8 +98,8 @@ def test_slurm_script_requeues_a_stopped_run(tmp_path, trainer_exit, requeued):
     log = tmp_path / "scontrol.log"
     stubs = {
         "deepspeed": STUB_DEEPSPEED.format(python=sys.executable, code=trainer_exit),
-        "srun": "#!/bin/bash\n# drop srun's own options, run the task as node 0\nwhile [[ $1 == --* ]]; do shift; done\n"
-                "SLURM_NODEID=0 exec \"$@\"\n",
+        "srun": "#!/bin/bash\n# drop srun's own options, run the task as node 0\n"
+                "while [[ $1 == --* ]]; do shift; done\nSLURM_NODEID=0 exec \"$@\"\n",
         "scontrol": f"#!/bin/bash\nif [[ $1 == show ]]; then echo node1; else echo \"$@\" >> {log}; fi\n",
     }
     for name, text in stubs.items():

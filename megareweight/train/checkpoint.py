@@ -89,7 +89,10 @@ def _manifest(directory: Path) -> dict[str, int]:
 
 def _describe(exc: BaseException, root: Path) -> str:
     """One line: the OS reason, plus the free space when it may be the cause."""
-    reason = f"{exc.strerror}: {exc.filename}" if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+    if isinstance(exc, OSError) and exc.strerror:
+        reason = f"{exc.strerror}: {exc.filename}"
+    else:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     try:
         free = shutil.disk_usage(root).free / 2**20
         reason += f" ({free:,.0f} MiB free on that file system)"

@@ -59,11 +59,25 @@ def flatten(config: dict[str, Any]) -> dict[str, Any]:
             for key, value in keys.items()}
 
 
+def _hashes(entry: Any) -> list[str]:
+    """Every ``*sha256`` value under a manifest entry (one file or a list of files per domain)."""
+    if isinstance(entry, dict):
+        return sorted(h for key, value in entry.items()
+                      for h in ([value] if key.endswith("sha256") and isinstance(value, str) else _hashes(value)))
+    if isinstance(entry, list):
+        return sorted(h for item in entry for h in _hashes(item))
+    return []
+
+
 def data_fingerprint(manifest: dict[str, Any], domains: list[str]) -> dict[str, Any]:
-    """What identifies the training data: the tokenizer and the trained domains' shard entries."""
+    """What identifies the training data: the tokenizer and the trained domains' shard checksums.
+
+    Only checksums, not the whole manifest entry: metadata added to the manifest later (counts,
+    token-id ranges) must not make an unchanged corpus look different.
+    """
     return {"tokenizer_sha256": manifest.get("tokenizer", {}).get("sha256"),
             "vocab_size": manifest.get("vocab_size"),
-            "train": {d: manifest["domains"][d]["train"] for d in domains if d in manifest.get("domains", {})}}
+            "train": {d: _hashes(manifest["domains"][d]["train"]) for d in domains if d in manifest.get("domains", {})}}
 
 
 @dataclass
@@ -112,9 +126,12 @@ def check(path: Path, cfg: ExperimentConfig, world_size: int, manifest: dict[str
           train_domains: list[str]) -> ResumePoint:
     """Compare ``cfg`` with the checkpoint's; raise :class:`ResumeError` naming every refused key."""
     state = ckpt.read_state(path)
-    saved, now = flatten(state.get("config", {})), flatten(cfg.to_dict())
+    # A key the checkpoint's config lacks was added to the config later: the checkpoint ran with
+    # its default. A key the current config lacks was removed: nothing can honour it, so it is ignored.
+    now = flatten(cfg.to_dict())
+    saved = {**flatten(ExperimentConfig().to_dict()), **flatten(state.get("config", {}))}
     refused, allowed = [], []
-    for key in sorted(set(saved) | set(now)):
+    for key in sorted(now):
         old, new = saved.get(key), now.get(key)
         if old == new:
             continue

@@ -40,8 +40,10 @@ LOCK = ".lock"
 RUN_FILE = "run.json"
 #: What a training run writes into its directory (what ``--overwrite`` removes).
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "eval.jsonl", "summary.json", "config.yaml", RUN_FILE, "wandb")
-#: Outputs whose presence means the directory holds a run (config.yaml alone is no run).
-RUN_EVIDENCE = ("checkpoints", "metrics.jsonl", "eval.jsonl", "summary.json", RUN_FILE)
+#: Outputs whose presence means the directory holds a run worth protecting. run.json and
+#: config.yaml alone are not: a run that failed before its first step (a config mistake found
+#: late) must not make the corrected retry ask for --overwrite.
+RUN_EVIDENCE = ("checkpoints", "metrics.jsonl", "eval.jsonl", "summary.json")
 
 
 class RunDirectoryError(ValueError):
@@ -115,7 +117,8 @@ class RunLock:
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            raise RunDirectoryError(f"--out {self.path.parent}: cannot create {self.path.name} ({exc.strerror})") from None
+            raise RunDirectoryError(f"--out {self.path.parent}: cannot create {self.path.name} "
+                                    f"({exc.strerror})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
