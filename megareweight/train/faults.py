@@ -3,9 +3,12 @@
 ``MEGAREWEIGHT_FAULT_NAN=STEP:RANK[:SAMPLE|all][:hidden|loss]`` poisons the first micro-batch of
 training step ``STEP`` (1-based, the ``step`` of ``metrics.jsonl``) on global rank ``RANK``:
 
-* ``hidden`` (default): the sample's final hidden states become NaN, so the NaN reaches the
-  loss *and* the gradients (of the LM head and, through it, of every layer), as a real overflow
-  does. The step must be skipped on every rank.
+* ``hidden`` (default): the sample's final hidden states become NaN in the forward and their
+  gradient becomes NaN in the backward, as with a real overflow in that sample's activations: the
+  NaN reaches the loss *and* the gradients of every layer. The backward half is injected
+  explicitly because the loss path may legitimately give a weight-0 sample an exact zero
+  gradient (``loss.mode: lean``, the reference), which would hide the fault. The step must be
+  skipped on every rank.
 * ``loss``: only the sample's loss is non-finite: its tokens are withheld from the loss, which then
   reports the sample's loss as NaN and gives it weight 0 and no gradient, exactly what the loss
   path does with a sample whose loss alone is not finite. The step must be applied.
@@ -71,8 +74,11 @@ class FaultInjector:
             if fault is not None:
                 rows = slice(None) if fault.sample is None else fault.sample
                 if fault.mode == "hidden":
-                    hidden = hidden.clone()
-                    hidden[rows] = float("nan")
+                    poison = torch.zeros_like(hidden)
+                    poison[rows] = float("nan")
+                    hidden = hidden + poison  # the identity for autograd: NaN rows forward ...
+                    if hidden.requires_grad:
+                        hidden.register_hook(lambda grad: grad + poison)  # ... and NaN rows backward
                 else:
                     labels = labels.clone()
                     labels[rows] = kw.get("ignore_index", -100)
