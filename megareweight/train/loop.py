@@ -179,7 +179,7 @@ def train(
     out = Path(out_dir)
     data = PreparedData.open(cfg.data.prepared)
     plan = plan_domains(cfg, data)
-    with run_dir.claim(out, resume, overwrite, is_writer) as run, StopRequests(announce=is_writer) as stop:
+    with run_dir.claim(out, resume, overwrite, is_writer) as run, StopRequests() as stop:
         point = resume_policy.locate(cfg, out, resume_from, data.manifest, plan.train, is_writer) if resume else None
         if point is not None:
             if point.step == cfg.train.max_steps:

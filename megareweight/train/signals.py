@@ -24,7 +24,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Optional
 
-from megareweight.train.distributed import max_over_ranks
+from megareweight.train.distributed import max_over_ranks, rank, world_size
 
 HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
@@ -53,8 +53,9 @@ class StopRequests:
         if not self.signum:
             self.signum = signum
             if self.announce:
-                print(f"[megareweight] {signal.Signals(signum).name} received: finishing this step and writing a "
-                      "checkpoint (Ctrl-C again to abort without one)", file=sys.stderr, flush=True)
+                where = f" by rank {rank()}" if world_size() > 1 else ""
+                print(f"[megareweight] {signal.Signals(signum).name} received{where}: finishing this step and "
+                      "writing a checkpoint (Ctrl-C again to abort without one)", file=sys.stderr, flush=True)
 
     def __enter__(self) -> "StopRequests":
         if threading.current_thread() is threading.main_thread():
