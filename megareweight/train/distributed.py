@@ -1,12 +1,14 @@
 """Small helpers over ``torch.distributed`` that are no-ops in a single process."""
 from __future__ import annotations
 
-from typing import Optional
+import pickle
+from typing import Any, Callable, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
 
 _CONTROL_GROUP: Optional[dist.ProcessGroup] = None
+T = TypeVar("T")
 
 
 def is_distributed() -> bool:
@@ -71,3 +73,26 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src, group=control_group())
     return box[0]
+
+
+def decided_by_rank0(decide: Callable[[], T], is_writer: bool) -> T:
+    """Run ``decide`` on the writing rank only; every rank returns its result or raises its error.
+
+    For decisions that touch the file system (claiming the run directory, choosing the checkpoint):
+    one rank decides, so ranks cannot disagree, and an error on that rank is raised on every rank
+    instead of leaving the others waiting in the next collective.
+    """
+    outcome: Any = None
+    if is_writer:
+        try:
+            outcome = ("ok", decide())
+        except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
+            try:
+                pickle.dumps(exc)
+            except Exception:  # noqa: BLE001
+                exc = RuntimeError(str(exc))
+            outcome = ("error", exc)
+    kind, value = broadcast_object(outcome)
+    if kind == "error":
+        raise value
+    return value

@@ -142,7 +142,7 @@ def default_engine_factory(module: ReweightedLM, cfg: ExperimentConfig):
 
 def _finished_result(out: Path, point: resume_policy.ResumePoint, is_main: bool) -> Optional[TrainResult]:
     """A resumed run that already finished: say so, log nothing again."""
-    summary = broadcast_object(resume_policy.finished_summary(out, point.step) if is_main else None)
+    summary = distributed.decided_by_rank0(lambda: resume_policy.finished_summary(out, point.step), is_main)
     if summary is None:
         return None
     if is_main:

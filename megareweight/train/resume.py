@@ -32,7 +32,7 @@ from typing import Any, Optional
 
 from megareweight.config import ExperimentConfig
 from megareweight.train import checkpoint as ckpt
-from megareweight.train.distributed import broadcast_object, world_size
+from megareweight.train.distributed import decided_by_rank0, world_size
 
 #: Config keys a resume may change (fnmatch patterns over ``section.key``).
 MAY_CHANGE = (
@@ -192,29 +192,24 @@ def locate(cfg: ExperimentConfig, out: Path, resume_from: Optional[str], manifes
     checkpoint, checks the config, retires newer checkpoints of an abandoned continuation and
     prints the step it continues from. A refusal is raised on every rank.
     """
-    answer: Any = None
-    if is_writer:
+    def decide() -> Optional[ResumePoint]:
         root = Path(out) / "checkpoints"
-        try:
-            ckpt.remove_temporaries(root)
-            path = select_checkpoint(root, resume_from)
-            if path is None:
-                say(f"--resume: no checkpoint in {root}; starting at step 0")
-            else:
-                answer = check(path, cfg, world_size(), manifest, train_domains)
-                if path.parent.resolve() == root.resolve():
-                    retired = ckpt.retire_newer(root, answer.step)
-                    if retired is not None:
-                        warnings.warn(f"checkpoints newer than {path.name} belong to the continuation being "
-                                      f"replaced; moved to {retired}")
-                changes = f"; changed: {'; '.join(answer.changes)}" if answer.changes else ""
-                say(f"resuming from step {answer.step} ({path}){changes}")
-        except (ResumeError, ckpt.CheckpointError) as exc:
-            answer = str(exc)
-    answer = broadcast_object(answer)
-    if isinstance(answer, str):
-        raise ResumeError(answer)
-    return answer
+        ckpt.remove_temporaries(root)
+        path = select_checkpoint(root, resume_from)
+        if path is None:
+            say(f"--resume: no checkpoint in {root}; starting at step 0")
+            return None
+        point = check(path, cfg, world_size(), manifest, train_domains)
+        if path.parent.resolve() == root.resolve():
+            retired = ckpt.retire_newer(root, point.step)
+            if retired is not None:
+                warnings.warn(f"checkpoints newer than {path.name} belong to the continuation being replaced; "
+                              f"moved to {retired}")
+        changes = f"; changed: {'; '.join(point.changes)}" if point.changes else ""
+        say(f"resuming from step {point.step} ({path}){changes}")
+        return point
+
+    return decided_by_rank0(decide, is_writer)
 
 
 def nonfinite_stop_message(streak: int, step: int, saved: Optional[Path], root: Path) -> str:

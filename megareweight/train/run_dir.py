@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
-from megareweight.train.distributed import broadcast_object
+from megareweight.train.distributed import decided_by_rank0
 
 LOCK = ".lock"
 RUN_FILE = "run.json"
@@ -209,20 +209,16 @@ def _claim_on_writer(out: Path, resume: bool, overwrite: bool) -> tuple[RunLock,
 def claim(out: str | Path, resume: bool, overwrite: bool, is_writer: bool) -> Iterator[RunInfo]:
     """Hold ``out`` for one training; every rank gets the same :class:`RunInfo` or the same error."""
     out = Path(out)
-    lock: Optional[RunLock] = None
-    outcome: RunInfo | str
-    if is_writer:
-        try:
-            lock, outcome = _claim_on_writer(out, resume, overwrite)
-        except RunDirectoryError as exc:
-            outcome = str(exc)
-    else:
-        outcome = ""
-    outcome = broadcast_object(outcome)
-    if isinstance(outcome, str):
-        raise RunDirectoryError(outcome)
+    held: list[RunLock] = []
+
+    def decide() -> RunInfo:
+        lock, info = _claim_on_writer(out, resume, overwrite)
+        held.append(lock)
+        return info
+
+    info = decided_by_rank0(decide, is_writer)
     try:
-        yield outcome
+        yield info
     finally:
-        if lock is not None:
+        for lock in held:
             lock.release()
