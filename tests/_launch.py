@@ -78,20 +78,15 @@ def run_group(commands: Sequence[Sequence[str]], port: int, timeout: float, log:
         cleanup_shm(port)
 
 
-def deepspeed_command(config: Path, ds_json: Path, out: Path, nproc: int, port: int, *extra: str) -> list[str]:
-    """``deepspeed --num_accelerators N --module megareweight.train ...`` on this machine."""
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_accelerators", str(nproc),
-            "--master_port", str(port), "--module", "megareweight.train",
-            "--config", str(config), "--deepspeed", str(ds_json), "--out", str(out), "--quiet", *extra]
-
-
 def deepspeed_train(config: Path, ds_json: Path, out: Path, nproc: int, *extra: str, timeout: float = 240,
                     env: Optional[dict[str, str]] = None) -> None:
-    """Run :func:`deepspeed_command` to completion (exit 0 required)."""
+    """``deepspeed --num_accelerators N --module megareweight.train ...`` on this machine (exit 0 required)."""
     port = free_port()
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_accelerators", str(nproc),
+           "--master_port", str(port), "--module", "megareweight.train",
+           "--config", str(config), "--deepspeed", str(ds_json), "--out", str(out), "--quiet", *extra]
     out.mkdir(parents=True, exist_ok=True)
-    run_group([deepspeed_command(config, ds_json, out, nproc, port, *extra)], port, timeout,
-              out.parent / f"{out.name}.log", extra_env=env)
+    run_group([cmd], port, timeout, out.parent / f"{out.name}.log", extra_env=env)
 
 
 def wait_for_metrics(out: Path, rows: int, proc: subprocess.Popen, timeout: float = 240) -> None:

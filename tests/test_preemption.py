@@ -22,7 +22,7 @@ from tests.test_reliability import _cli, _write_config
 
 
 def test_sigterm_writes_a_checkpoint_and_resume_equals_the_uninterrupted_run(prepared_dir, tmp_path):
-    config = _write_config(tmp_path / "c.yaml", prepared_dir, train={"max_steps": 20, "checkpoint_interval": 0})
+    config = _write_config(tmp_path / "c.yaml", prepared_dir, train={"max_steps": 30, "checkpoint_interval": 0})
     full = tmp_path / "full"
     train(load_config(config), full, progress=False)
     run = tmp_path / "run"
@@ -39,7 +39,7 @@ def test_sigterm_writes_a_checkpoint_and_resume_equals_the_uninterrupted_run(pre
     assert proc.returncode == 143, err
     latest = ckpt.find_latest(run / "checkpoints")
     step = ckpt.read_state(latest)["step"]
-    assert 3 <= step < 20 and [r["step"] for r in read_metrics(run)] == list(range(1, step + 1))
+    assert 3 <= step < 30 and [r["step"] for r in read_metrics(run)] == list(range(1, step + 1))
     line = [x for x in err.splitlines() if x.startswith("megareweight: stopped")]
     assert line == [f"megareweight: stopped by SIGTERM after step {step}; checkpoint {latest}; resume with: "
                     f"megareweight train --config {config} --out {run} --resume"], err

@@ -251,3 +251,13 @@ def test_missing_prepared_data_is_a_clear_error(tmp_path, capsys):
     path.write_text(yaml.safe_dump({**VALID, "data": {"prepared": str(tmp_path / "nope")}}))
     assert main(["train", "--config", str(path), "--out", str(tmp_path / "o")]) == 2
     assert "manifest.json: not found (run `megareweight prepare` first)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("variable,value", [("MEGAREWEIGHT_FAULT_NAN", "3"), ("MEGAREWEIGHT_FAULT_NAN", "3:0:x"),
+                                            ("MEGAREWEIGHT_FAULT_SIGNAL", "3:0:KILL")])
+def test_malformed_fault_switch_is_a_one_line_error(prepared_dir, tmp_path, monkeypatch, capsys, variable, value):
+    monkeypatch.setenv(variable, value)
+    path = _write_config(tmp_path / "c.yaml", prepared_dir, train={"max_steps": 3})
+    assert main(["train", "--config", str(path), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{variable}={value!r}: expected STEP:RANK" in err[0], err

@@ -1,4 +1,4 @@
-"""Fault injection for tests and drills: a non-finite sample on a chosen step and rank.
+"""Fault injection for tests and drills: a non-finite sample, or a signal, at a chosen step and rank.
 
 ``MEGAREWEIGHT_FAULT_NAN=STEP:RANK[:SAMPLE|all][:hidden|loss]`` poisons the first micro-batch of
 training step ``STEP`` (1-based, the ``step`` of ``metrics.jsonl``) on global rank ``RANK``:
@@ -14,12 +14,19 @@ training step ``STEP`` (1-based, the ``step`` of ``metrics.jsonl``) on global ra
   path does with a sample whose loss alone is not finite. The step must be applied.
 
 ``SAMPLE`` is the index in the rank's micro-batch (default 0) or ``all``. Several faults are
-separated by commas (``3:1,5:0:loss``). Unset, nothing is wrapped and nothing costs anything. A
-malformed value is a one-line error naming the variable.
+separated by commas (``3:1,5:0:loss``).
+
+``MEGAREWEIGHT_FAULT_SIGNAL=STEP:RANK:NAME`` (``TERM``, ``INT`` or ``USR1``) sends that signal to
+the process of global rank ``RANK`` as step ``STEP`` begins: a pre-emption at an exact step, handled
+by the real handler (a test that signals from outside races with the training it signals).
+
+Unset, nothing is wrapped and nothing costs anything. A malformed value is a one-line error naming
+the variable.
 """
 from __future__ import annotations
 
 import os
+import signal
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -28,7 +35,9 @@ import torch
 from megareweight.config import ConfigError
 
 ENV = "MEGAREWEIGHT_FAULT_NAN"
+SIGNAL_ENV = "MEGAREWEIGHT_FAULT_SIGNAL"
 MODES = ("hidden", "loss")
+SIGNALS = {"TERM": signal.SIGTERM, "INT": signal.SIGINT, "USR1": signal.SIGUSR1}
 
 
 @dataclass(frozen=True)
@@ -51,13 +60,29 @@ def parse(text: str) -> NanFault:
     return NanFault(int(parts[0]), int(parts[1]), None if sample == "all" else int(sample), mode)
 
 
-class FaultInjector:
-    """Wraps the loss function; the loop sets :attr:`step` (1-based) before each step."""
+def parse_signal(text: str) -> tuple[int, int, int]:
+    """``STEP:RANK:NAME`` -> (step, rank, signal number)."""
+    parts = text.strip().split(":")
+    if len(parts) != 3 or not (parts[0].isdigit() and parts[1].isdigit()) or parts[2] not in SIGNALS:
+        raise ConfigError(f"{SIGNAL_ENV}={text!r}: expected STEP:RANK:NAME with NAME one of "
+                          f"{', '.join(SIGNALS)}, e.g. 5:1:USR1")
+    return int(parts[0]), int(parts[1]), int(SIGNALS[parts[2]])
 
-    def __init__(self, faults: list[NanFault], rank: int):
+
+class FaultInjector:
+    """Wraps the loss function; the loop calls :meth:`begin_step` (1-based) before each step."""
+
+    def __init__(self, faults: list[NanFault], rank: int, signals: Optional[list[tuple[int, int, int]]] = None):
         self.faults, self.rank = faults, rank
+        self.signals = signals or []
         self.step = 0
         self._fired_at = -1
+
+    def begin_step(self, step: int) -> None:
+        self.step = step
+        for at, rank, signum in self.signals:
+            if at == step and rank == self.rank:
+                os.kill(os.getpid(), signum)
 
     def _due(self) -> Optional[NanFault]:
         """This step's fault for this rank, once per step (the first micro-batch), while training."""
@@ -88,5 +113,9 @@ class FaultInjector:
 
 
 def from_env(rank: int) -> Optional[FaultInjector]:
-    text = os.environ.get(ENV, "").strip()
-    return FaultInjector([parse(part) for part in text.split(",")], rank) if text else None
+    nan = os.environ.get(ENV, "").strip()
+    sig = os.environ.get(SIGNAL_ENV, "").strip()
+    if not (nan or sig):
+        return None
+    return FaultInjector([parse(part) for part in nan.split(",")] if nan else [], rank,
+                         [parse_signal(part) for part in sig.split(",")] if sig else [])

@@ -273,7 +273,7 @@ def _train(cfg: ExperimentConfig, out: Path, factory: Callable[[ReweightedLM, Ex
     for step in range(start_step, cfg.train.max_steps):
         t0 = time.time()
         if injector:
-            injector.step = step + 1
+            injector.begin_step(step + 1)
         lr = lr_at(step, cfg.optim.lr, cfg.optim.warmup_steps, cfg.train.max_steps, cfg.optim.min_lr_ratio)
         strategy, r = schedule.at(step)
         stats = StepStats(plan.train, engine.rank, accum)
