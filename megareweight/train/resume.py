@@ -15,7 +15,7 @@ not know (a key added later is safe until someone decides it may change):
   (``data.micro_batch_size`` x world size: the world size itself may change, through DeepSpeed's
   universal checkpoint, when the global micro-batch stays the same), the prepared data (compared
   by content, so a moved directory is fine: tokenizer SHA-256 and the trained domains' shard
-  entries), and the set of trained domains (a new mixture may re-weight them, also to 0, but not
+  checksums), and the set of trained domains (a new mixture may re-weight them, also to 0, but not
   add one: the sampler's position in a domain it never had is undefined);
 * the engine (plain vs DeepSpeed, ZeRO stage): different checkpoint formats;
 * ``train.max_steps`` below the checkpoint's step.
