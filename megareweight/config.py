@@ -47,11 +47,18 @@ WarmupMode = Literal["uniform", "temperature"]
 Precision = Literal["fp32", "bf16", "fp16"]
 
 
+#: model.activation_checkpointing values besides true/false (megareweight.model.llama.CHECKPOINT_MODES)
+CHECKPOINT_MODES = ("none", "full", "every_k", "attention", "ffn")
+COMPILE_MODES = ("blocks", "ops")
+
+
 @dataclass
 class ModelConfig:
     size: ModelSize = "small"
     tie_embeddings: Optional[bool] = None  # None: the named size's default
-    activation_checkpointing: bool = False
+    # What backward recomputes (see megareweight.model.llama); true/false mean full/none.
+    activation_checkpointing: Union[bool, str] = "none"
+    checkpoint_every: Optional[int] = None  # k of every_k (default 2); only with every_k
 
 
 @dataclass
@@ -63,6 +70,7 @@ class DataConfig:
     seq_len: int = 128
     micro_batch_size: int = 16
     eval_sequences: int = 64  # validation windows per domain
+    prefetch: int = 2  # micro-batches built ahead in a background thread (0: on the main thread)
 
 
 @dataclass
@@ -106,6 +114,10 @@ class TrainConfig:
     max_nonfinite_steps: int = 5  # consecutive all-non-finite steps before the run stops
     histogram_interval: int = 50  # log the weight distribution to wandb every N steps (0: never)
     keep_checkpoints: int = 3  # newest complete checkpoints kept on disk (0: all)
+    # torch.compile: blocks (every transformer block), ops (RMSNorm/RoPE/SwiGLU only), or true:
+    # blocks, except ops under ZeRO-3 (see megareweight.model.llama.Transformer.fuse_elementwise_ops)
+    compile: Union[bool, str] = False
+    peak_tflops: Optional[float] = None  # per-device dense peak for MFU (None: known GPUs only)
 
 
 @dataclass
@@ -224,7 +236,19 @@ def _require(cond: bool, key: str, message: str) -> None:
 
 def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     """Range and cross-field checks that types alone cannot express."""
-    d, o, t, rw = cfg.data, cfg.optim, cfg.train, cfg.reweight
+    d, o, t, rw, m = cfg.data, cfg.optim, cfg.train, cfg.reweight, cfg.model
+    if isinstance(m.activation_checkpointing, bool):
+        m.activation_checkpointing = "full" if m.activation_checkpointing else "none"
+    _require(m.activation_checkpointing in CHECKPOINT_MODES, "model.activation_checkpointing",
+             f"{m.activation_checkpointing!r} is not allowed; allowed values: {', '.join(CHECKPOINT_MODES)}, true, false")
+    _require(isinstance(t.compile, bool) or t.compile in COMPILE_MODES, "train.compile",
+             f"{t.compile!r} is not allowed; allowed values: true, false, {', '.join(COMPILE_MODES)}")
+    if m.checkpoint_every is not None:
+        _require(m.activation_checkpointing == "every_k", "model.checkpoint_every",
+                 f"only used with model.activation_checkpointing: every_k (it is {m.activation_checkpointing!r})")
+        _require(m.checkpoint_every >= 1, "model.checkpoint_every", f"must be >= 1, got {m.checkpoint_every}")
+    _require(d.prefetch >= 0, "data.prefetch", f"must be >= 0 (0 disables), got {d.prefetch}")
+    _require(t.peak_tflops is None or t.peak_tflops > 0, "train.peak_tflops", f"must be > 0, got {t.peak_tflops}")
     _require(d.seq_len >= 1, "data.seq_len", f"must be >= 1, got {d.seq_len}")
     _require(d.micro_batch_size >= 1, "data.micro_batch_size", f"must be >= 1, got {d.micro_batch_size}")
     _require(d.eval_sequences >= 1, "data.eval_sequences", f"must be >= 1, got {d.eval_sequences}")

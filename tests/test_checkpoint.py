@@ -98,8 +98,8 @@ def test_nonfinite_parameters_are_never_saved(prepared_dir, tmp_path):
         engine = PlainEngine(module, cfg, torch.device("cpu"))
         step = engine.step
 
-        def poisoned_step(lr):
-            norm = step(lr)
+        def poisoned_step(*args, **kwargs):
+            norm = step(*args, **kwargs)
             calls["n"] += 1
             if calls["n"] == 3:  # an update with a finite gradient norm that still left an inf weight
                 with torch.no_grad():

@@ -45,6 +45,13 @@ def test_yaml_and_overrides(tmp_path):
         ({"data": {"eval_domains": []}}, r"data\.eval_domains: an empty list"),
         ({"reweight": {"strategy": "linupper", "warmup_steps": 20}, "train": {"max_steps": 20}},
          r"reweight\.warmup_steps: 20 >= train\.max_steps 20, so reweight\.strategy 'linupper' would never switch on"),
+        ({"model": {"activation_checkpointing": "sometimes"}},
+         r"model\.activation_checkpointing: 'sometimes' is not allowed; allowed values: none, full, every_k, attention, ffn, true, false"),
+        ({"model": {"checkpoint_every": 3}}, r"model\.checkpoint_every: only used with model\.activation_checkpointing: every_k"),
+        ({"model": {"activation_checkpointing": "every_k", "checkpoint_every": 0}}, r"model\.checkpoint_every: must be >= 1"),
+        ({"train": {"compile": "fast"}}, r"train\.compile: 'fast' is not allowed; allowed values: true, false, blocks, ops"),
+        ({"train": {"peak_tflops": 0}}, r"train\.peak_tflops: must be > 0"),
+        ({"data": {"prefetch": -1}}, r"data\.prefetch: must be >= 0"),
     ],
 )
 def test_errors_name_the_key(raw, pattern):
@@ -75,3 +82,18 @@ def test_shipped_configs_are_valid():
 
 def test_uniform_with_a_long_warmup_is_fine():
     assert config_from_dict({"reweight": {"warmup_steps": 50}, "train": {"max_steps": 20}}).train.max_steps == 20
+
+
+def test_checkpointing_and_compile_values():
+    """``true``/``false`` keep working for activation checkpointing (full/none); the model and the
+    config agree on the modes."""
+    from megareweight.config import CHECKPOINT_MODES
+    from megareweight.model.llama import CHECKPOINT_MODES as MODEL_MODES
+
+    assert CHECKPOINT_MODES == MODEL_MODES
+    assert config_from_dict({"model": {"activation_checkpointing": True}}).model.activation_checkpointing == "full"
+    assert config_from_dict({"model": {"activation_checkpointing": False}}).model.activation_checkpointing == "none"
+    every = config_from_dict({"model": {"activation_checkpointing": "every_k", "checkpoint_every": 3}}).model
+    assert (every.activation_checkpointing, every.checkpoint_every) == ("every_k", 3)
+    assert config_from_dict({"train": {"compile": "ops"}}).train.compile == "ops"
+    assert config_from_dict({"train": {"compile": True}}).train.compile is True

@@ -25,9 +25,10 @@ STEPS = 4
 COMPARED = ("loss", "grad_norm", "weight_max", "weight_min", "weight_entropy")
 
 
-def write_config(path: Path, prepared: Path, strategy: str, accum: int, mbs: int = 2, **train) -> Path:
+def write_config(path: Path, prepared: Path, strategy: str, accum: int, mbs: int = 2, tied: bool = True,
+                 recompute: str = "none", **train) -> Path:
     raw = {
-        "model": {"size": "tiny"},
+        "model": {"size": "tiny", "tie_embeddings": tied, "activation_checkpointing": recompute},
         "data": {"prepared": str(prepared), "seq_len": 32, "micro_batch_size": mbs, "eval_sequences": 8},
         "optim": {"lr": 0.01, "warmup_steps": 2},
         "train": {"max_steps": STEPS, "eval_interval": 0, "gradient_accumulation_steps": accum, **train},
@@ -60,9 +61,13 @@ def assert_same_curve(a: list[dict], b: list[dict], rtol: float = 2e-5) -> None:
 
 @pytest.fixture(scope="module")
 def linupper_run(prepared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """2-rank ZeRO-3, LinUpper, 2 accumulation steps, checkpoints every 2 steps."""
+    """2-rank ZeRO-3, LinUpper, 2 accumulation steps, checkpoints every 2 steps, untied LM head
+    (the head module owns its matrix; the tied case, where it borrows the embedding, is
+    ``test_uniform_two_ranks_equal_one_process``), the first block recomputed in backward
+    (ZeRO-3 re-gathers its weights during recomputation)."""
     root = tmp_path_factory.mktemp("ds_linupper")
-    config = write_config(root / "c.yaml", prepared_dir, "linupper", accum=2, checkpoint_interval=2)
+    config = write_config(root / "c.yaml", prepared_dir, "linupper", accum=2, tied=False, recompute="every_k",
+                          checkpoint_interval=2)
     deepspeed_train(config, DS_TINY, root / "run", 2)
     return config, root / "run"
 
@@ -174,6 +179,23 @@ def test_ds_config_auto_is_filled_and_contradictions_are_errors(prepared_dir: Pa
         resolve_ds_config({**base, "scheduler": {"type": "WarmupLR"}}, cfg, 2)
     explicit = resolve_ds_config({**base, "train_micro_batch_size_per_gpu": 4, "gradient_clipping": 1}, cfg, 2)
     assert explicit["train_batch_size"] == 24
+    with pytest.raises(ConfigError, match="'activation_checkpointing' section; .* model.activation_checkpointing"):
+        resolve_ds_config({**base, "activation_checkpointing": {"partition_activations": False}}, cfg, 2)
+
+
+def test_gpu_configs_reduce_and_accumulate_gradients_in_fp32(prepared_dir: Path) -> None:
+    """What DeepSpeed's own parser makes of the GPU configs under bf16 (see ds_configs/README.md)."""
+    import torch
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    from megareweight.train.ds_engine import resolve_ds_config
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(prepared_dir, train={"precision": "bf16"})
+    for name in ("zero3_1.4b", "zero3_7b", "zero2_1.4b", "zero2_7b"):
+        ds = DeepSpeedConfig(resolve_ds_config(json.loads((REPO / "ds_configs" / f"{name}.json").read_text()), cfg, 1))
+        assert ds.bfloat16_config.enabled, name
+        assert ds.communication_data_type == torch.float32 and ds.grad_accum_dtype == "fp32", name
 
 
 def test_export_from_zero3_checkpoint_matches_one_process(linupper_run, tmp_path: Path) -> None:

@@ -56,11 +56,11 @@ def _signalling_factory(signals_at_step: dict[int, list[int]]):
         engine = PlainEngine(module, cfg, torch.device("cpu"))
         step = engine.step
 
-        def step_and_signal(lr):
+        def step_and_signal(*args, **kwargs):
             calls["n"] += 1
             for signum in signals_at_step.get(calls["n"], []):
                 os.kill(os.getpid(), signum)
-            return step(lr)
+            return step(*args, **kwargs)
 
         engine.step = step_and_signal
         return engine

@@ -4,6 +4,13 @@ One loop serves every engine (plain PyTorch here, DeepSpeed in :mod:`megareweigh
 only rank 0 writes files. A step is ``gradient_accumulation_steps`` global micro-batches; the
 reweighting weights are computed per global micro-batch (each sums to 1) and the engine averages
 the micro-batch gradients.
+
+Host syncs: batches come prefetched and pinned (:mod:`megareweight.data.prefetch`) and are
+copied without blocking; the micro-batch loop reads nothing from the device. A step's one read
+is ``stats.all_reduce(...)`` (metrics + gradient norm in one copy), which the loop needs before
+the update to skip a step without valid samples or with a non-finite gradient. (Also: the weight
+histogram every ``train.histogram_interval`` steps, and evaluation.) Throughput telemetry is
+:mod:`megareweight.train.throughput`.
 """
 from __future__ import annotations
 
@@ -21,6 +28,7 @@ from tqdm import tqdm
 
 from megareweight.config import ExperimentConfig, dump_config
 from megareweight.data.mixture import MixtureSampler, validation_batches
+from megareweight.data.prefetch import PrefetchLoader
 from megareweight.data.shards import PreparedData
 from megareweight.model import build_model, model_args
 from megareweight.reweighting import ReweightSchedule
@@ -33,6 +41,7 @@ from megareweight.train.lr import lr_at
 from megareweight.train.metrics import MetricsLogger
 from megareweight.train.objective import ReweightedLM
 from megareweight.train.signals import StoppedBySignal, StopRequests
+from megareweight.train.throughput import ThroughputMeter, device_name, flops_per_token, peak_tflops
 
 
 class TrainingError(RuntimeError):
@@ -102,14 +111,14 @@ def evaluate(engine, data: PreparedData, domains: list[str], cfg: ExperimentConf
     result = {}
     for domain in domains:
         shard = data.shard("valid", domain)
-        total = torch.zeros(2, dtype=torch.float64)
+        total = torch.zeros(2, dtype=torch.float64, device=engine.device)  # summed on the device: no sync per batch
         for tokens in validation_batches(shard, cfg.data.seq_len, cfg.data.micro_batch_size, cfg.data.eval_sequences,
                                          engine.rank, engine.world_size):
             out = engine.forward({"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}, "uniform", 1.0)
-            losses = out.per_sample_loss.double().cpu()
+            losses = out.per_sample_loss.double()
             ok = torch.isfinite(losses)
-            total += torch.stack([losses[ok].sum(), ok.sum().double()])
-        total = all_reduce_sum(total.to(engine.device)).cpu()
+            total += torch.stack([torch.where(ok, losses, 0.0).sum(), ok.sum().double()])
+        total = all_reduce_sum(total).cpu()
         result[domain] = float(total[0] / total[1]) if total[1] > 0 else float("nan")
     engine.train(True)
     return result
@@ -125,6 +134,14 @@ def _eval_row(step: int, tokens: int, losses: dict[str, float], plan: DomainPlan
     if heldout:
         row["avg_heldout"] = float(np.mean(heldout))
     return row
+
+
+def _speed_postfix(row: dict[str, Any]) -> dict[str, str]:
+    """Throughput for the progress bar: tokens/s, and MFU when the device's peak is known."""
+    speed = {"tok/s": f"{row['tokens_per_s']:,.0f}"} if "tokens_per_s" in row else {}
+    if "mfu" in row:
+        speed["mfu"] = f"{100 * row['mfu']:.1f}%"
+    return speed
 
 
 def _parameter_count(model: torch.nn.Module) -> int:
@@ -205,7 +222,8 @@ def _train(cfg: ExperimentConfig, out: Path, factory: Callable[[ReweightedLM, Ex
     # An engine may construct the model its own way (DeepSpeed: zero.Init shards large models).
     model_init = getattr(factory, "model_init", None)
     with model_init(cfg, args) if model_init else contextlib.nullcontext():
-        model = build_model(args, activation_checkpointing=cfg.model.activation_checkpointing)
+        model = build_model(args, activation_checkpointing=cfg.model.activation_checkpointing,
+                            checkpoint_every=cfg.model.checkpoint_every or 2)
     n_params = _parameter_count(model)
     device_hint = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loss_name, loss_fn = get_loss_impl(cfg.loss.impl, device_hint, mode=cfg.loss.mode, chunk_size=cfg.loss.chunk_size)
@@ -213,10 +231,14 @@ def _train(cfg: ExperimentConfig, out: Path, factory: Callable[[ReweightedLM, Ex
     engine = factory(ReweightedLM(model, injector.wrap(loss_fn) if injector else loss_fn, cfg.reweight.delta), cfg)
     is_main = engine.rank == 0
 
-    sampler = MixtureSampler(data.shards("train", plan.train), plan.weights, cfg.data.seq_len,
-                             cfg.data.micro_batch_size, engine.rank, engine.world_size, cfg.train.seed)
+    sampler = PrefetchLoader(
+        MixtureSampler(data.shards("train", plan.train), plan.weights, cfg.data.seq_len,
+                       cfg.data.micro_batch_size, engine.rank, engine.world_size, cfg.train.seed),
+        cfg.data.prefetch, pin_memory=engine.device.type == "cuda", device=engine.device)
     accum = cfg.train.gradient_accumulation_steps
     tokens_per_step = sampler.global_batch_size * cfg.data.seq_len * accum
+    meter = ThroughputMeter(flops_per_token(args, cfg.data.seq_len), engine.world_size, engine.device,
+                            peak_tflops(engine.device, cfg.train.peak_tflops))
 
     start_step, streak, skipped = 0, 0, 0
     ckpt_root = out / "checkpoints"
@@ -233,6 +255,7 @@ def _train(cfg: ExperimentConfig, out: Path, factory: Callable[[ReweightedLM, Ex
         if point.mixture_changed(cfg):
             sampler.set_weights(plan.weights)  # the new data.mixture takes effect from this step
         start_step, streak, skipped = state["step"], state["nonfinite_streak"], state["skipped_steps"]
+        meter.tokens = state.get("tokens", start_step * tokens_per_step)  # older checkpoints lack it
         if point.path.name.startswith(ckpt.NONFINITE):
             streak = 0  # continuing past the bad batches is a deliberate new attempt
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
@@ -253,7 +276,7 @@ def _train(cfg: ExperimentConfig, out: Path, factory: Callable[[ReweightedLM, Ex
                                     f"(the newest intact one is {newest or 'none'}). Lower optim.lr or check the data.")
             return None
         state = {"step": step_done, "model_args": dataclasses.asdict(args), "prepared_dir": str(data.root.resolve()),
-                 "sampler": sampler.state_dict(),
+                 "sampler": sampler.state_dict(), "tokens": meter.tokens,
                  "nonfinite_streak": streak,
                  "skipped_steps": skipped, "torch_rng": torch.get_rng_state().tolist(), "config": cfg.to_dict(),
                  "engine": engine.name, "world_size": engine.world_size, "run_id": run.run_id,
@@ -269,6 +292,7 @@ def _train(cfg: ExperimentConfig, out: Path, factory: Callable[[ReweightedLM, Ex
     bar = tqdm(total=cfg.train.max_steps, initial=start_step, desc="train", disable=not (is_main and progress),
                dynamic_ncols=True)
     last_eval: dict[str, float] = {}
+    speed: dict[str, str] = {}
     engine.train(True)
     for step in range(start_step, cfg.train.max_steps):
         t0 = time.time()
@@ -282,42 +306,48 @@ def _train(cfg: ExperimentConfig, out: Path, factory: Callable[[ReweightedLM, Ex
             out_ = engine.forward(batch, strategy, r)
             engine.backward(out_.loss)
             stats.add(out_, batch["domain_ids"])
-        stats.all_reduce()
+        stats.all_reduce(grad_norm=engine.clip_gradients())  # the step's one host sync
         if stats.valid_samples == 0:
             engine.skip_step()
             streak += 1
             skipped += 1
             grad_norm = float("nan")
         else:
-            grad_norm = float(engine.step(lr))
+            grad_norm = engine.step(lr, stats.grad_norm)
             if math.isfinite(grad_norm):
                 streak = 0
             else:
                 streak += 1
                 skipped += 1
         if streak >= cfg.train.max_nonfinite_steps:
-            raise TrainingError(resume_policy.nonfinite_stop_message(streak, step + 1, save(step + 1, ckpt.NONFINITE),
-                                                                     ckpt_root))
+            stop_checkpoint = save(step + 1, ckpt.NONFINITE)
+            message = resume_policy.nonfinite_stop_message(streak, step + 1, stop_checkpoint, ckpt_root)
+            sampler.close()
+            raise TrainingError(message)
         step_done = step + 1
+        step_seconds = time.time() - t0
+        meter.add_step(tokens_per_step, step_seconds)
         row: dict[str, Any] = {
             "step": step_done,
-            "tokens": step_done * tokens_per_step,
+            "tokens": meter.tokens,
             **stats.row(),
             "lr": lr,
             "grad_norm": grad_norm,
             "strategy": strategy,
             "r": r,
             "skipped_steps": skipped,
-            "step_seconds": time.time() - t0,
+            "step_seconds": step_seconds,
         }
         row.update({f"mixture/{d}": float(w) for d, w in zip(sampler.domains, sampler.weights)})
         row.update({f"epochs/{d}": e for d, e in sampler.epochs().items()})
         if step_done % cfg.train.log_interval == 0 or step_done == cfg.train.max_steps:
+            row.update(meter.row())
             logger.log_step(row)
+            speed = _speed_postfix(row)
         if cfg.train.histogram_interval and step_done % cfg.train.histogram_interval == 0:
             logger.log_histogram(step_done, "weight_hist", out_.weights.detach().float().cpu().numpy())
         bar.update(1)
-        bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}")
+        bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}", **speed)
         if cfg.train.eval_interval and (step_done % cfg.train.eval_interval == 0) and step_done != cfg.train.max_steps:
             last_eval = evaluate(engine, data, plan.eval, cfg)
             logger.log_eval(_eval_row(step_done, row["tokens"], last_eval, plan))
@@ -327,19 +357,24 @@ def _train(cfg: ExperimentConfig, out: Path, factory: Callable[[ReweightedLM, Ex
         signum = stop.agreed()
         if signum:
             bar.close()
-            raise StoppedBySignal(signum, step_done, saved or save(step_done))
+            saved = saved or save(step_done)
+            sampler.close()
+            raise StoppedBySignal(signum, step_done, saved)
     bar.close()
+    sampler.close()
     total_steps = cfg.train.max_steps
     if start_step < total_steps:
         save(total_steps)  # before the final evaluation: a kill during it loses no training
     eval_row = broadcast_object(logger.eval_row(total_steps) if start_step == total_steps and is_main else None)
     if eval_row is None:
         last_eval = evaluate(engine, data, plan.eval, cfg)
-        eval_row = _eval_row(total_steps, total_steps * tokens_per_step, last_eval, plan)
+        eval_row = _eval_row(total_steps, meter.tokens, last_eval, plan)
         logger.log_eval(eval_row)
     else:  # resumed after the final checkpoint: the final evaluation is already logged
         last_eval = {k.split("/", 1)[1]: v for k, v in eval_row.items() if k.startswith("loss/")}
     seconds = time.time() - start_time
     logger.finish({**eval_row, "seconds": seconds, "loss_impl": loss_name, "parameters": n_params,
-                   "skipped_steps": skipped, "engine": engine.name, "world_size": engine.world_size})
-    return TrainResult(out, total_steps, total_steps * tokens_per_step, seconds, loss_name, last_eval, skipped, is_main)
+                   "skipped_steps": skipped, "engine": engine.name, "world_size": engine.world_size,
+                   "device": device_name(engine.device), "flops_per_token": meter.flops_per_token,
+                   "peak_tflops": meter.peak_tflops})
+    return TrainResult(out, total_steps, meter.tokens, seconds, loss_name, last_eval, skipped, is_main)

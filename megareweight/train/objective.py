@@ -1,8 +1,10 @@
 """The model and its reweighted loss as one module.
 
-Computing the loss inside ``forward`` matters for ZeRO-3: parameters are only gathered while a
-module's forward runs, and the lm-head matrix is consumed by the loss (tile by tile), not by an
-``nn.Linear`` call.
+Computing the loss inside a module's ``forward`` matters for ZeRO-3: parameters are only gathered
+while the module that owns them runs, and the LM-head matrix is consumed by the loss (tile by
+tile), not by an ``nn.Linear`` call. So the loss runs in :class:`megareweight.model.llama.LMHead`'s
+forward, the module that owns the matrix; ``hidden`` and ``labels`` are passed positionally there
+because DeepSpeed's backward hooks only see positional inputs.
 """
 from __future__ import annotations
 
@@ -29,10 +31,10 @@ class ReweightedLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, strategy: str = "uniform", r: float = 1.0):
         hidden = self.model(input_ids)
-        return self.loss_fn(
+        return self.model.lm_head(
             hidden,
-            self.model.output_weight,
             labels,
+            loss_fn=self.loss_fn,
             strategy=strategy,
             r=r,
             delta=self.delta,

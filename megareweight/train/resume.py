@@ -11,12 +11,15 @@ not know (a key added later is safe until someone decides it may change):
 * shapes and numerics: ``model.size``, ``model.tie_embeddings``, ``data.seq_len``,
   ``train.precision``, ``optim.beta1/beta2/eps`` and ``optim.weight_decay`` (the optimizer's
   saved hyper-parameters would silently win over the config);
-* the data stream: ``train.seed``, ``train.gradient_accumulation_steps``, the global micro-batch
-  (``data.micro_batch_size`` x world size: the world size itself may change, through DeepSpeed's
-  universal checkpoint, when the global micro-batch stays the same), the prepared data (compared
-  by content, so a moved directory is fine: tokenizer SHA-256 and the trained domains' shard
-  checksums), and the set of trained domains (a new mixture may re-weight them, also to 0, but not
-  add one: the sampler's position in a domain it never had is undefined);
+* the data stream: ``train.seed``, the prepared data (compared by content, so a moved directory
+  is fine: tokenizer SHA-256 and the trained domains' shard checksums), and the set of trained
+  domains (a new mixture may re-weight them, also to 0, but not add one: the sampler's position in
+  a domain it never had is undefined);
+
+The batch may change (``data.micro_batch_size``, ``train.gradient_accumulation_steps``, the number
+of ranks through DeepSpeed's universal checkpoint): the sampler's counters are global, so the
+stream continues without repeats or gaps, and ``tokens`` counts what was trained. The change of
+the global batch is printed with the others.
 * the engine (plain vs DeepSpeed, ZeRO stage): different checkpoint formats;
 * ``train.max_steps`` below the checkpoint's step.
 """
@@ -40,8 +43,10 @@ MAY_CHANGE = (
     "train.max_steps", "train.eval_interval", "train.log_interval", "train.checkpoint_interval",
     "train.histogram_interval", "train.keep_checkpoints", "train.max_nonfinite_steps",
     "data.mixture", "data.train_domains", "data.eval_domains", "data.eval_sequences",
-    "data.prepared", "data.micro_batch_size",  # checked below: same content / same global micro-batch
-    "model.activation_checkpointing", "reweight.*", "loss.*", "wandb.*",
+    "data.prepared",  # checked below: same content
+    "data.micro_batch_size", "train.gradient_accumulation_steps", "data.prefetch",
+    "model.activation_checkpointing", "model.checkpoint_every", "train.compile", "train.peak_tflops",
+    "reweight.*", "loss.*", "wandb.*",
 )
 
 
@@ -138,15 +143,13 @@ def check(path: Path, cfg: ExperimentConfig, world_size: int, manifest: dict[str
         line = f"{key} {old!r} -> {new!r}"
         (allowed if may_change(key) else refused).append(line)
     saved_world = state.get("world_size")
-    if saved_world is None and saved.get("data.micro_batch_size") != now.get("data.micro_batch_size"):
-        refused.append("data.micro_batch_size (the checkpoint does not record its world size)")
-    elif saved_world is not None:
-        before = saved.get("data.micro_batch_size", 0) * saved_world
-        after = cfg.data.micro_batch_size * world_size
+    if saved_world is not None and saved_world != world_size:
+        allowed.append(f"world size {saved_world} -> {world_size}")
+    if saved_world is not None:
+        before = saved["data.micro_batch_size"] * saved_world * saved["train.gradient_accumulation_steps"]
+        after = cfg.data.micro_batch_size * world_size * cfg.train.gradient_accumulation_steps
         if before != after:
-            refused.append(f"global micro-batch (data.micro_batch_size x world size) {before} -> {after}")
-        elif saved_world != world_size:
-            allowed.append(f"world size {saved_world} -> {world_size}")
+            allowed.append(f"global batch {before} -> {after} sequences per step")
     if "data_fingerprint" in state:
         domains = list(state["sampler"]["consumed"])
         if data_fingerprint(manifest, domains) != state["data_fingerprint"]:
