@@ -14,6 +14,9 @@ install_requires = [
     "torch==2.13.0",
     "numpy>=1.26,<3",
     "sentencepiece>=0.2,<0.3",
+    "tokenizers>=0.15,<1",  # Hugging Face tokenizer.json (prepare --tokenizer)
+    "zstandard>=0.22,<1",  # *.jsonl.zst corpora
+    "pyarrow>=15,<27",  # *.parquet corpora
     "pyyaml>=6,<7",
     "tqdm>=4.66,<5",
     "wandb>=0.19,<0.40",

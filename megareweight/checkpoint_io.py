@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from megareweight.data.shards import sha256_file
+from megareweight.data.shards import sha256_file, tokenizer_spec
 from megareweight.model import ModelArgs, Transformer, build_model
 from megareweight.train.checkpoint import STATE, CheckpointError, find_latest, problem
 
@@ -71,18 +71,22 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Tr
     return model.to(device).eval(), state
 
 
-TOKENIZER_FILE = "tokenizer.model"
-
-
-def run_tokenizer(checkpoint: str | Path, state: dict, explicit: Optional[str | Path] = None) -> Path:
-    """The tokenizer to use with a checkpoint: ``explicit``, else its own copy, else the run's prepared one.
+def run_tokenizer(checkpoint: str | Path, state: dict,
+                  explicit: Optional[str | Path] = None) -> tuple[Path, Optional[str]]:
+    """(tokenizer file, end-of-document token) to use with a checkpoint: ``explicit``, else the
+    checkpoint's own copy, else the one of the run's prepared directory.
 
     Checked against the SHA-256 the checkpoint recorded (when it recorded one); a mismatch is a
-    :class:`CheckpointError` naming both files.
+    :class:`CheckpointError` naming the file.
     """
     ckpt = resolve_checkpoint(checkpoint)
-    own = ckpt / TOKENIZER_FILE
-    path = Path(explicit) if explicit else own if own.is_file() else prepared_dir(state) / TOKENIZER_FILE
+    own = ckpt / state.get("tokenizer_file", "tokenizer.model")
+    if explicit:
+        path, eos_token = Path(explicit), None
+    elif own.is_file():
+        path, eos_token = own, state.get("tokenizer_eos_token")
+    else:
+        path, eos_token = tokenizer_spec(prepared_dir(state))
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer {path} not found" + ("" if explicit else "; pass --tokenizer"))
     expected = state.get("tokenizer_sha256")
@@ -90,4 +94,4 @@ def run_tokenizer(checkpoint: str | Path, state: dict, explicit: Optional[str | 
         how = "--tokenizer" if explicit else "the run's prepared directory now holds"
         raise CheckpointError(f"{how} {path} is not the tokenizer {ckpt} was trained with (SHA-256 differs: "
                               "re-prepared or another tokenizer); pass the original with --tokenizer")
-    return path
+    return path, eos_token

@@ -58,11 +58,31 @@ def cmd_corpus_build(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from megareweight.data.prepare import prepare
+    from megareweight.data import prepare as prep
 
-    prepare(args.corpus, args.out, vocab_size=args.vocab_size, valid_fraction=args.valid_fraction,
-            domains=args.domains.split(",") if args.domains else None, tokenizer_model=args.tokenizer,
-            seed=args.seed, progress=not args.quiet)
+    progress = not args.quiet
+    corpus_given = args.corpus is not None or bool(args.domain)
+    if args.shard or args.merge:
+        if corpus_given:
+            raise UsageError("--shard/--merge read the file list from the plan that --init wrote; drop --corpus/--domain")
+        if args.shard:
+            index, count = prep.parse_shard_spec(args.shard)
+            prep.prepare_part(args.out, index, count, workers=args.workers, progress=progress)
+        else:
+            prep.merge_parts(args.out, progress=progress)
+        return EXIT_OK
+    if not corpus_given:
+        raise UsageError("prepare needs --corpus DIR and/or --domain NAME=GLOB (or --shard I/K / --merge)")
+    common = dict(vocab_size=args.vocab_size, valid_fraction=args.valid_fraction,
+                  domains=args.domains.split(",") if args.domains else None, tokenizer_model=args.tokenizer,
+                  eos_token=args.eos_token, seed=args.seed, overwrite=args.overwrite, domain_specs=args.domain)
+    if args.init:
+        prep.init_preparation(args.out, args.corpus, **common)
+        if progress:
+            print(f"{args.out}: tokenizer and {prep.PLAN} written; next: megareweight prepare --out {args.out} "
+                  f"--shard I/K (for I in 0..K-1), then --merge")
+        return EXIT_OK
+    prep.prepare(args.corpus, args.out, workers=args.workers, progress=progress, **common)
     return EXIT_OK
 
 
@@ -174,14 +194,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
 
-    p = command("prepare", cmd_prepare, "train a tokenizer and write per-domain token shards")
-    p.add_argument("--corpus", required=True, help="directory of <domain>.jsonl[.xz|.gz] files")
+    p = command("prepare", cmd_prepare, "tokenize a corpus into per-domain token shards (one call, or init/shard/merge)")
+    p.add_argument("--corpus", default=None,
+                   help="directory of <domain>.jsonl[.gz|.xz|.zst] / <domain>.parquet files and <domain>/ directories")
+    p.add_argument("--domain", action="append", default=[], metavar="NAME=GLOB",
+                   help="a domain made of the files a glob matches, ** included (repeatable)")
     p.add_argument("--out", required=True)
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--valid-fraction", type=float, default=0.02)
     p.add_argument("--domains", default=None, help="comma-separated subset of domains")
-    p.add_argument("--tokenizer", default=None, help="reuse this SentencePiece .model instead of training one")
+    p.add_argument("--tokenizer", default=None,
+                   help="reuse this tokenizer (SentencePiece .model or Hugging Face tokenizer.json) instead of training one")
+    p.add_argument("--eos-token", default=None, help="end-of-document token of a tokenizer.json (default: detected)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1, help="tokenizing processes (output identical for any number)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier preparation in --out")
+    step = p.add_mutually_exclusive_group()
+    step.add_argument("--init", action="store_true", help="step 1 only: tokenizer + file list (prepare_plan.json)")
+    step.add_argument("--shard", default=None, metavar="I/K", help="step 2: job I of K tokenizes its files of every domain")
+    step.add_argument("--merge", action="store_true", help="step 3: write manifest.json from the finished parts")
     p.add_argument("--quiet", action="store_true")
 
     p = command("train", cmd_train, "train a model (plain PyTorch, or DeepSpeed with --deepspeed)")
@@ -194,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="training steps per run (default: the demo config's)")
     p.add_argument("--quiet", action="store_true")
 
-    p = command("verify", cmd_verify, "check a prepared directory: sizes, offsets, SHA-256, token ids")
+    p = command("verify", cmd_verify, "full check of a prepared directory: every shard's sizes, offsets, EOS, token ids, SHA-256")
     p.add_argument("dir")
     p.add_argument("--quiet", action="store_true")
 

@@ -45,6 +45,8 @@ LossMode = Literal["auto", "fast", "lean"]
 WandbMode = Literal["offline", "online", "disabled"]
 WarmupMode = Literal["uniform", "temperature"]
 Precision = Literal["fp32", "bf16", "fp16"]
+Packing = Literal["concat", "documents"]
+ReweightUnit = Literal["sequence", "document"]
 
 
 #: model.activation_checkpointing values besides true/false (megareweight.model.llama.CHECKPOINT_MODES)
@@ -71,6 +73,7 @@ class DataConfig:
     micro_batch_size: int = 16
     eval_sequences: int = 64  # validation windows per domain
     prefetch: int = 2  # micro-batches built ahead in a background thread (0: on the main thread)
+    packing: Packing = "concat"  # documents: attention and labels never cross a document boundary
 
 
 @dataclass
@@ -81,6 +84,8 @@ class ReweightConfig:
     warmup_steps: int = 0
     warmup_mode: WarmupMode = "uniform"
     warmup_r: float = 100.0
+    unit: ReweightUnit = "sequence"  # document: each document of a window is its own sample (needs packing: documents)
+    max_documents: int = 64  # unit=document: samples per window; further documents share the last one
 
 
 @dataclass
@@ -268,6 +273,9 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     for key, value in (("r", rw.r), ("delta", rw.delta), ("warmup_r", rw.warmup_r)):
         _require(value > 0, f"reweight.{key}", f"must be > 0, got {value}")
     _require(rw.warmup_steps >= 0, "reweight.warmup_steps", f"must be >= 0, got {rw.warmup_steps}")
+    _require(rw.unit == "sequence" or d.packing == "documents", "reweight.unit",
+             "'document' needs data.packing: documents (windows must know where documents start)")
+    _require(rw.max_documents >= 1, "reweight.max_documents", f"must be >= 1, got {rw.max_documents}")
     _require(cfg.loss.chunk_size >= 0, "loss.chunk_size", f"must be >= 0 (0: automatic), got {cfg.loss.chunk_size}")
     _require(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
     _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")

@@ -61,7 +61,7 @@ def ensure_prepared(corpus: Path, prepared: Path, progress: bool, vocab_size: in
 
     if progress:
         print(f"[demo] training a {vocab_size}-token BPE tokenizer and writing shards to {prepared}")
-    prepare(corpus, prepared, vocab_size=vocab_size, progress=progress)
+    prepare(corpus, prepared, vocab_size=vocab_size, progress=progress, overwrite=True)  # the demo owns this directory
     return PreparedData.open(prepared)
 
 

@@ -68,7 +68,7 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
 
     model, state = load_model(checkpoint)
     try:  # checked before anything is written: a wrong tokenizer refuses the export
-        tokenizer: Optional[Path] = run_tokenizer(checkpoint, state)
+        tokenizer: Optional[Path] = run_tokenizer(checkpoint, state)[0]
     except FileNotFoundError as exc:  # the weights are still worth exporting without one
         warnings.warn(f"{exc}; exporting the model without a tokenizer")
         tokenizer = None
@@ -82,5 +82,5 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(hf_config(model.args), indent=2))
     if tokenizer is not None:
-        shutil.copyfile(tokenizer, out / "tokenizer.model")
+        shutil.copyfile(tokenizer, out / tokenizer.name)  # tokenizer.model or a Hugging Face tokenizer.json
     return out

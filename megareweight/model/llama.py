@@ -24,6 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from megareweight.model.document_attention import attend, build_document_mask
+
 
 @dataclass(frozen=True)
 class ModelArgs:
@@ -141,7 +143,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(args.n_heads * hd, args.d_model, bias=False)
         self.fused = False
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask=None) -> torch.Tensor:
         b, t, _ = x.shape
         a = self.args
         q = self.q_proj(x).view(b, t, a.n_heads, a.head_dim).transpose(1, 2)
@@ -149,7 +151,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, a.kv_heads, a.head_dim).transpose(1, 2)
         rope = fused(apply_rope) if self.fused else apply_rope
         q, k = rope(q, cos, sin), rope(k, cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=a.kv_heads != a.n_heads)
+        out = attend(q, k, v, mask, gqa=a.kv_heads != a.n_heads)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -203,26 +205,28 @@ class Block(nn.Module):
         that weight is released under the backward that needs it)."""
         return checkpoint(fn, *args, use_reentrant=False)
 
-    def _attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        return self.attn(self.attn_norm(x), cos, sin)
+    def _attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask=None) -> torch.Tensor:
+        return self.attn(self.attn_norm(x), cos, sin, mask)
 
     def _feed_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.ffn(self.ffn_norm(x))
 
-    def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask=None) -> torch.Tensor:
         recompute = self.recompute if self.training else None
         if recompute == "attention":
-            x = x + self._checkpoint(self._attention, x, cos, sin)
+            x = x + self._checkpoint(self._attention, x, cos, sin, mask)
         else:
-            x = x + self._attention(x, cos, sin)
+            x = x + self._attention(x, cos, sin, mask)
         if recompute == "ffn":
             return x + self._checkpoint(self._feed_forward, x)
         return x + self._feed_forward(x)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask=None) -> torch.Tensor:
+        """``mask``: the document mask of :func:`build_document_mask` (``data.packing: documents``),
+        or None for plain causal attention."""
         if self.training and self.recompute == "block":
-            return self._checkpoint(self._forward, x, cos, sin)
-        return self._forward(x, cos, sin)
+            return self._checkpoint(self._forward, x, cos, sin, mask)
+        return self._forward(x, cos, sin, mask)
 
 
 class LMHead(nn.Module):
@@ -334,19 +338,24 @@ class Transformer(nn.Module):
         else:
             p.normal_(std=std)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Hidden states [B, T, D] after the final norm."""
+    #: How documents are kept apart when ``segment_ids`` are given ("auto", "sdpa", "flex").
+    document_attention = "auto"
+
+    def forward(self, input_ids: torch.Tensor, segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Hidden states [B, T, D] after the final norm; with ``segment_ids`` [B, T] attention stays
+        inside each document (see :mod:`megareweight.model.document_attention`)."""
         t = input_ids.shape[1]
         if t > self.args.max_seq_len:
             raise ValueError(f"sequence length {t} exceeds model.max_seq_len {self.args.max_seq_len}")
         cos, sin = rope_tables(self.args.head_dim, t, self.args.rope_theta, input_ids.device)
+        mask = None if segment_ids is None else build_document_mask(segment_ids, self.document_attention)
         x = self.embed(input_ids)
         for layer in self.layers:
-            x = layer(x, cos, sin)
+            x = layer(x, cos, sin, mask)
         return self.norm(x)
 
-    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.forward(input_ids) @ self.output_weight.t()
+    def logits(self, input_ids: torch.Tensor, segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.forward(input_ids, segment_ids) @ self.output_weight.t()
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -39,7 +39,7 @@ from megareweight.train.distributed import all_reduce_sum, broadcast_object
 from megareweight.train.step_stats import StepStats
 from megareweight.train.lr import lr_at
 from megareweight.train.metrics import MetricsLogger
-from megareweight.train.objective import ReweightedLM
+from megareweight.train.objective import ReweightedLM, per_sample_domains
 from megareweight.train.signals import StoppedBySignal, StopRequests
 from megareweight.train.throughput import ThroughputMeter, device_name, flops_per_token, peak_tflops
 
@@ -110,11 +110,11 @@ def evaluate(engine, data: PreparedData, domains: list[str], cfg: ExperimentConf
     engine.train(False)
     result = {}
     for domain in domains:
-        shard = data.shard("valid", domain)
+        stream = data.stream("valid", domain)
         total = torch.zeros(2, dtype=torch.float64, device=engine.device)  # summed on the device: no sync per batch
-        for tokens in validation_batches(shard, cfg.data.seq_len, cfg.data.micro_batch_size, cfg.data.eval_sequences,
-                                         engine.rank, engine.world_size):
-            out = engine.forward({"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}, "uniform", 1.0)
+        for batch in validation_batches(stream, cfg.data.seq_len, cfg.data.micro_batch_size, cfg.data.eval_sequences,
+                                        engine.rank, engine.world_size, cfg.data.packing):
+            out = engine.forward(batch, "uniform", 1.0)
             losses = out.per_sample_loss.double()
             ok = torch.isfinite(losses)
             total += torch.stack([torch.where(ok, losses, 0.0).sum(), ok.sum().double()])
@@ -213,7 +213,7 @@ def _train(cfg: ExperimentConfig, out: Path, factory: Callable[[ReweightedLM, Ex
     from kernels import get_loss_impl
 
     start_time = time.time()
-    schedule = ReweightSchedule(**dataclasses.asdict(cfg.reweight))
+    schedule = ReweightSchedule(**{f.name: getattr(cfg.reweight, f.name) for f in dataclasses.fields(ReweightSchedule)})
 
     torch.manual_seed(cfg.train.seed)
     args = model_args(cfg.model.size, vocab_size=data.vocab_size, tie_embeddings=cfg.model.tie_embeddings)
@@ -227,13 +227,15 @@ def _train(cfg: ExperimentConfig, out: Path, factory: Callable[[ReweightedLM, Ex
     n_params = _parameter_count(model)
     device_hint = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loss_name, loss_fn = get_loss_impl(cfg.loss.impl, device_hint, mode=cfg.loss.mode, chunk_size=cfg.loss.chunk_size)
+    num_segments = cfg.reweight.max_documents if cfg.reweight.unit == "document" else None
     injector = faults.from_env(distributed.rank())
-    engine = factory(ReweightedLM(model, injector.wrap(loss_fn) if injector else loss_fn, cfg.reweight.delta), cfg)
+    engine = factory(ReweightedLM(model, injector.wrap(loss_fn) if injector else loss_fn, cfg.reweight.delta,
+                                  num_segments=num_segments), cfg)
     is_main = engine.rank == 0
 
     sampler = PrefetchLoader(
-        MixtureSampler(data.shards("train", plan.train), plan.weights, cfg.data.seq_len,
-                       cfg.data.micro_batch_size, engine.rank, engine.world_size, cfg.train.seed),
+        MixtureSampler(data.streams("train", plan.train), plan.weights, cfg.data.seq_len, cfg.data.micro_batch_size,
+                       engine.rank, engine.world_size, cfg.train.seed, cfg.data.packing),
         cfg.data.prefetch, pin_memory=engine.device.type == "cuda", device=engine.device)
     accum = cfg.train.gradient_accumulation_steps
     tokens_per_step = sampler.global_batch_size * cfg.data.seq_len * accum
@@ -281,8 +283,10 @@ def _train(cfg: ExperimentConfig, out: Path, factory: Callable[[ReweightedLM, Ex
                  "skipped_steps": skipped, "torch_rng": torch.get_rng_state().tolist(), "config": cfg.to_dict(),
                  "engine": engine.name, "world_size": engine.world_size, "run_id": run.run_id,
                  "tokenizer_sha256": data.manifest.get("tokenizer", {}).get("sha256"),
+                 "tokenizer_file": data.tokenizer_path.name,
+                 "tokenizer_eos_token": data.manifest.get("tokenizer", {}).get("eos_token"),
                  "data_fingerprint": resume_policy.data_fingerprint(data.manifest, sampler.domains)}
-        extra = [("tokenizer.model", data.tokenizer_path)] if data.tokenizer_path.is_file() else []
+        extra = [(data.tokenizer_path.name, data.tokenizer_path)] if data.tokenizer_path.is_file() else []
         path = ckpt.save_checkpoint(ckpt_root, step_done, state, engine.save, is_writer=is_main,
                                     all_ok=distributed.all_true, kind=kind, extra_files=extra)
         if is_main and kind == ckpt.REGULAR:
@@ -305,7 +309,7 @@ def _train(cfg: ExperimentConfig, out: Path, factory: Callable[[ReweightedLM, Ex
             batch = sampler.next_batch()
             out_ = engine.forward(batch, strategy, r)
             engine.backward(out_.loss)
-            stats.add(out_, batch["domain_ids"])
+            stats.add(out_, *per_sample_domains(batch, num_segments))
         stats.all_reduce(grad_norm=engine.clip_gradients())  # the step's one host sync
         if stats.valid_samples == 0:
             engine.skip_step()
@@ -345,7 +349,8 @@ def _train(cfg: ExperimentConfig, out: Path, factory: Callable[[ReweightedLM, Ex
             logger.log_step(row)
             speed = _speed_postfix(row)
         if cfg.train.histogram_interval and step_done % cfg.train.histogram_interval == 0:
-            logger.log_histogram(step_done, "weight_hist", out_.weights.detach().float().cpu().numpy())
+            weights = out_.weights.detach().float().cpu()
+            logger.log_histogram(step_done, "weight_hist", (weights[weights > 0] if num_segments else weights).numpy())
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}", **speed)
         if cfg.train.eval_interval and (step_done % cfg.train.eval_interval == 0) and step_done != cfg.train.max_steps:

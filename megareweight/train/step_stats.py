@@ -30,8 +30,12 @@ class StepStats:
         self._host: Optional[torch.Tensor] = None  # sums | weight stats (| grad norm), on the CPU
         self.grad_norm: Optional[float] = None  # the engine's pre-clip norm, when it gave one
 
-    def add(self, out, domain_ids: torch.Tensor) -> None:
-        """Fold in one micro-batch: ``out`` is the loss path's ``(loss, per_sample_loss, weights)``."""
+    def add(self, out, domain_ids: torch.Tensor, present: Optional[torch.Tensor] = None) -> None:
+        """Fold in one micro-batch: ``out`` is the loss path's ``(loss, per_sample_loss, weights)``.
+
+        ``present`` marks the samples that exist (per-document samples: a window has fewer
+        documents than sample slots); an absent sample's NaN loss is not counted as non-finite.
+        """
         n = len(self.domains)
         device = out.weights.device
         if self._sums is None:
@@ -45,7 +49,7 @@ class StepStats:
         self._sums[:n].index_add_(0, dom, torch.where(ok, losses, torch.zeros_like(losses)))
         self._sums[n : 2 * n].index_add_(0, dom, ok.double())
         self._sums[2 * n : 3 * n].index_add_(0, dom, local_w)
-        self._sums[-1] += (~ok).sum()
+        self._sums[-1] += (~ok if present is None else ~ok & present.to(device)).sum()
         # Valid samples are exactly those with a positive weight (a softmax never yields 0).
         stats = weight_statistics(out.weights, out.weights > 0)
         self._weights += torch.stack([stats[k].double() for k in WEIGHT_STATS]) / self.micro_batches
