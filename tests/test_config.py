@@ -41,6 +41,10 @@ def test_yaml_and_overrides(tmp_path):
         ({"reweight": {"r": 0}}, r"reweight\.r: must be > 0"),
         ({"wandb": {"mode": "cloud"}}, r"wandb\.mode: 'cloud' is not allowed; allowed values: offline, online, disabled"),
         ({"optim": 3}, r"optim: expected a mapping"),
+        ({"data": {"train_domains": []}}, r"data\.train_domains: an empty list; omit the key"),
+        ({"data": {"eval_domains": []}}, r"data\.eval_domains: an empty list"),
+        ({"reweight": {"strategy": "linupper", "warmup_steps": 20}, "train": {"max_steps": 20}},
+         r"reweight\.warmup_steps: 20 >= train\.max_steps 20, so reweight\.strategy 'linupper' would never switch on"),
         ({"model": {"activation_checkpointing": "sometimes"}},
          r"model\.activation_checkpointing: 'sometimes' is not allowed; allowed values: none, full, every_k, attention, ffn, true, false"),
         ({"model": {"checkpoint_every": 3}}, r"model\.checkpoint_every: only used with model\.activation_checkpointing: every_k"),
@@ -74,6 +78,10 @@ def test_shipped_configs_are_valid():
     assert len(files) >= 5
     for path in files:
         load_config(str(path))
+
+
+def test_uniform_with_a_long_warmup_is_fine():
+    assert config_from_dict({"reweight": {"warmup_steps": 50}, "train": {"max_steps": 20}}).train.max_steps == 20
 
 
 def test_checkpointing_and_compile_values():
