@@ -22,7 +22,8 @@ install_requires = [
     "wandb>=0.19,<0.40",
     "matplotlib>=3.8,<4",
     "scipy>=1.11,<2",
-    "deepspeed>=0.16,<0.20",
+    # 0.19.8: every ZeRO optimizer skips a step whose gradient norm is not finite (earlier ZeRO-3 only in fp16)
+    "deepspeed>=0.19.8,<0.20",
 ]
 if LINUX:
     install_requires.append("triton>=3.3,<3.10")

@@ -2,9 +2,11 @@
 
 Exit codes (documented in the README):
   0  success
-  1  the job failed while running (e.g. repeated non-finite losses; a checkpoint was written)
-  2  bad input: configuration, command-line arguments, missing or corrupt files
-130  interrupted (Ctrl-C)
+  1  the job failed while running (repeated non-finite steps, a checkpoint write that failed, ...)
+  2  bad input: configuration, command-line arguments, missing, corrupt or unwritable files, a busy
+     or foreign run directory, a resume the checkpoint cannot continue
+128+N  training stopped by signal N after writing a checkpoint (130 SIGINT, 143 SIGTERM, 138 SIGUSR1);
+     the message gives the command that resumes it. A second Ctrl-C aborts at once (130, no checkpoint).
 Errors of kind 1 and 2 are printed as one line ``megareweight: error: ...`` without a traceback
 (set ``MEGAREWEIGHT_DEBUG=1`` to see it).
 """
@@ -24,6 +26,24 @@ MODEL_SHAPE_KEYS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "
 
 class UsageError(ValueError):
     """Bad command-line input (exit code 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but its errors are one line like every other error (usage stays in ``--help``)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_BAD_INPUT, f"megareweight: error: {self.prog}: {message} (see --help)\n")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 # --- subcommands ----------------------------------------------------------------------------------
@@ -98,6 +118,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from megareweight.export import export_hf
 
+    try:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--out {args.out}: cannot create the directory ({exc.strerror})") from None
     out = export_hf(args.checkpoint, args.out)
     if not args.quiet:
         print(f"Hugging Face LLaMA model written to {out} (load with LlamaForCausalLM.from_pretrained)")
@@ -109,9 +133,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     results = evaluate_checkpoint(args.checkpoint, args.data, tokenizer=args.tokenizer, seq_len=args.seq_len,
                                   batch_size=args.batch_size, max_tokens=args.max_tokens, progress=not args.quiet)
+    print(json.dumps(results) if args.json else format_table(results))  # first: a bad --json-out loses nothing
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps(results, indent=2))
-    print(json.dumps(results) if args.json else format_table(results))
+        try:
+            Path(args.json_out).write_text(json.dumps(results, indent=2))
+        except OSError as exc:
+            raise UsageError(f"--json-out {args.json_out}: cannot write ({exc.strerror})") from None
     return EXIT_OK
 
 
@@ -138,14 +165,20 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output directory (metrics, checkpoints, wandb)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value (repeatable), e.g. --set optim.lr=1e-3")
-    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its newest intact checkpoint (starts fresh when there is none)")
+    p.add_argument("--resume-from", metavar="STEP|PATH", default=None,
+                   help="continue from this checkpoint (a step of --out's checkpoints, or a checkpoint directory)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run even if --out holds another run (whose checkpoints, metrics and wandb "
+                        "files are removed)")
     p.add_argument("--deepspeed", metavar="JSON", default=None, help="DeepSpeed config; runs under DeepSpeed")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
     p.add_argument("--quiet", action="store_true", help="no progress bars or banners")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="megareweight", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="megareweight", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, fn: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
@@ -220,9 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="checkpoint, checkpoints/ or run directory")
     p.add_argument("--data", required=True, help="a <domain>.jsonl[.xz|.gz] file or a directory of them")
     p.add_argument("--tokenizer", default=None, help="SentencePiece model (default: the run's)")
-    p.add_argument("--seq-len", type=int, default=None, help="window length (default: the run's)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-tokens", type=int, default=1_000_000, help="per domain")
+    p.add_argument("--seq-len", type=positive_int, default=None, help="window length (default: the run's)")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--max-tokens", type=positive_int, default=1_000_000, help="per domain")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--json-out", default=None, help="also write the JSON to this file")
     p.add_argument("--quiet", action="store_true")
@@ -238,12 +271,17 @@ def _bad_input_types() -> tuple[type, ...]:
     from megareweight.data.corpus import CorpusError
     from megareweight.data.shards import ShardError
 
-    return (UsageError, ConfigError, CorpusError, ShardError, FileNotFoundError, ValueError)
+    # PermissionError & co.: a path the user gave cannot be used (an unwritable --out, --json-out).
+    return (UsageError, ConfigError, CorpusError, ShardError, FileNotFoundError, ValueError, PermissionError,
+            IsADirectoryError, NotADirectoryError, FileExistsError)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a bad argument (2, one line already printed)
+        return int(exc.code or 0)
     if getattr(args, "quiet", False):
         os.environ.setdefault("WANDB_SILENT", "true")
     try:

@@ -308,6 +308,8 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
             _require(w >= 0, f"data.mixture.{dom}", f"weight must be >= 0, got {w}")
         total = sum(d.mixture.values())
         _require(abs(total - 1.0) < 1e-6, "data.mixture", f"weights must sum to 1, they sum to {total:.6g}")
+    for key, names in (("data.train_domains", d.train_domains), ("data.eval_domains", d.eval_domains)):
+        _require(names != [], key, "an empty list; omit the key (null) to use every domain")
     _require(rw.strategy in STRATEGIES, "reweight.strategy",
              f"{rw.strategy!r} is not allowed; allowed values: {', '.join(STRATEGIES)}")
     for key, value in (("r", rw.r), ("delta", rw.delta), ("warmup_r", rw.warmup_r)):
@@ -333,6 +335,11 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _require(t.seed >= 0, "train.seed", f"must be >= 0, got {t.seed}")
     _require(t.histogram_interval >= 0, "train.histogram_interval", f"must be >= 0, got {t.histogram_interval}")
     _require(t.keep_checkpoints >= 0, "train.keep_checkpoints", f"must be >= 0, got {t.keep_checkpoints}")
+    # A strategy whose warm-up covers the whole run is never applied: the run would be uniform while
+    # its config (and every report built from it) says otherwise. Certainly a mistake, so an error.
+    _require(rw.strategy == "uniform" or rw.warmup_steps < t.max_steps, "reweight.warmup_steps",
+             f"{rw.warmup_steps} >= train.max_steps {t.max_steps}, so reweight.strategy {rw.strategy!r} would never "
+             "switch on; lower reweight.warmup_steps or set reweight.strategy: uniform")
     return cfg
 
 

@@ -101,16 +101,17 @@ class RunRecord:
 
 
 def _run(cfg: ExperimentConfig, out_dir: Path, progress: bool) -> None:
-    """Train unless a finished run with the same config is already there (the demo is resumable)."""
+    """Train unless a finished run with the same config is already there (the demo is resumable):
+    a run with the same config is reused or resumed, one with another config is replaced."""
     from megareweight.train.loop import train
 
-    summary = out_dir / "summary.json"
-    if summary.is_file() and (out_dir / "config.yaml").is_file():
-        if yaml.safe_load((out_dir / "config.yaml").read_text()) == yaml.safe_load(yaml.safe_dump(cfg.to_dict())):
-            if progress:
-                print(f"[demo] {out_dir.name}: finished earlier, reusing")
-            return
-    train(cfg, out_dir, progress=progress)
+    config = out_dir / "config.yaml"
+    same = config.is_file() and yaml.safe_load(config.read_text()) == yaml.safe_load(yaml.safe_dump(cfg.to_dict()))
+    if same and (out_dir / "summary.json").is_file():
+        if progress:
+            print(f"[demo] {out_dir.name}: finished earlier, reusing")
+        return
+    train(cfg, out_dir, progress=progress, resume=same, overwrite=not same)
 
 
 def _record(method: str, seed: int, out_dir: Path, cfg: ExperimentConfig, trained: list[str], heldout: list[str]) -> RunRecord:

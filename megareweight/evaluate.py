@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from megareweight.checkpoint_io import load_model, prepared_dir
+from megareweight.checkpoint_io import load_model, run_tokenizer
 from megareweight.data.corpus import SUFFIXES, corpus_suffix, iter_documents, list_domains
 from megareweight.data.mixture import IGNORE_INDEX, validation_batches
-from megareweight.data.shards import TokenShard, tokenizer_spec
+from megareweight.data.shards import TokenShard
 from megareweight.data.tokenizer import load_tokenizer
 
 
@@ -47,11 +47,7 @@ def evaluate_checkpoint(
 ) -> dict[str, dict[str, float]]:
     """{domain: {"loss", "perplexity", "tokens"}} plus an ``"average"`` row over domains."""
     model, state = load_model(checkpoint)
-    eos_token = None
-    if tokenizer is None:
-        tokenizer, eos_token = tokenizer_spec(prepared_dir(state))
-        if not tokenizer.is_file():
-            raise FileNotFoundError(f"tokenizer of the run not found at {tokenizer}; pass --tokenizer")
+    tokenizer, eos_token = run_tokenizer(checkpoint, state, tokenizer)
     tok = load_tokenizer(tokenizer, eos_token=eos_token)
     if tok.vocab_size != model.args.vocab_size:
         raise ValueError(f"tokenizer {tokenizer} has {tok.vocab_size} pieces, the model {model.args.vocab_size}")
@@ -70,7 +66,8 @@ def evaluate_checkpoint(
         stream = TokenShard(Path(domain), tokens, np.minimum(np.asarray(ends), tokens.size))  # in memory
         n = (tokens.size - 1) // seq_len
         if n <= 0:
-            raise ValueError(f"{path[0] if len(path) == 1 else domain}: fewer than {seq_len + 1} tokens; nothing to score")
+            raise ValueError(f"{path[0] if len(path) == 1 else domain}: {len(ids)} tokens, fewer than one "
+                             f"window of {seq_len + 1}; nothing to score")
         total, count = 0.0, 0
         batches = validation_batches(stream, seq_len, batch_size, n, packing=packing)  # every window, in order
         for batch in tqdm(batches, total=math.ceil(n / batch_size), desc=f"eval {domain}", disable=not progress, leave=False):

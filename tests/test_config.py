@@ -49,6 +49,10 @@ def test_yaml_and_overrides(tmp_path):
         ({"model": {"d_model": 19.5}}, r"model\.d_model: expected int or null, got float 19\.5"),
         ({"model": {"max_seq_len": 64}}, r"data\.seq_len: 128 exceeds model\.max_seq_len 64 \(size small\)"),
         ({"model": {"size": "tiny"}, "data": {"seq_len": 1024}}, r"data\.seq_len: 1024 exceeds model\.max_seq_len 512"),
+        ({"data": {"train_domains": []}}, r"data\.train_domains: an empty list; omit the key"),
+        ({"data": {"eval_domains": []}}, r"data\.eval_domains: an empty list"),
+        ({"reweight": {"strategy": "linupper", "warmup_steps": 20}, "train": {"max_steps": 20}},
+         r"reweight\.warmup_steps: 20 >= train\.max_steps 20, so reweight\.strategy 'linupper' would never switch on"),
         ({"model": {"activation_checkpointing": "sometimes"}},
          r"model\.activation_checkpointing: 'sometimes' is not allowed; allowed values: none, full, every_k, attention, ffn, true, false"),
         ({"model": {"checkpoint_every": 3}}, r"model\.checkpoint_every: only used with model\.activation_checkpointing: every_k"),
@@ -101,6 +105,10 @@ def test_model_shape_overrides_replace_the_named_size():
     assert gqa.kv_heads == 2 and not gqa.tie_embeddings
     assert model_args_for(config_from_dict({}), vocab_size=10) == MODEL_SIZES["small"].__class__(
         **{**MODEL_SIZES["small"].__dict__, "vocab_size": 10})
+
+
+def test_uniform_with_a_long_warmup_is_fine():
+    assert config_from_dict({"reweight": {"warmup_steps": 50}, "train": {"max_steps": 20}}).train.max_steps == 20
 
 
 def test_checkpointing_and_compile_values():

@@ -30,6 +30,12 @@ process and for a cluster), and everything DeepSpeed-specific lives here:
   before it, so a step has two host syncs under DeepSpeed against one on the plain engine.
 * **Large models** are constructed under ``deepspeed.zero.Init`` (each rank only ever holds its
   shard); the custom initialisation is then applied one gathered parameter at a time.
+* **Non-finite gradients.** DeepSpeed's optimizers (ZeRO-1/2/3, bf16, fp16) compute the reduced
+  global gradient norm before the update and skip the update when it is not finite, in every
+  precision, from deepspeed 0.19.8 on; before that ZeRO-3 checked only in fp16 and applied NaN
+  steps. :func:`check_deepspeed_version` refuses older versions at start-up (``setup.py`` pins
+  the same range), and :meth:`DeepSpeedEngine.step` stops the run if a step is ever reported
+  applied with a non-finite norm, so a corrupted model is never trained on or saved.
 * **Checkpoints.** ``save`` writes DeepSpeed's sharded checkpoint (tag ``engine``), per-rank RNG
   states and ``engine_meta.json``. ``load`` on the same number of ranks restores everything
   exactly; on a different number it converts the checkpoint to DeepSpeed's *universal* format
@@ -42,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import random
 import shutil
@@ -59,6 +66,8 @@ from megareweight.train.engine import apply_compile, make_optimizer, to_device
 from megareweight.train.objective import ReweightedLM
 
 AUTO = "auto"
+#: The oldest DeepSpeed whose every optimizer skips a step with a non-finite gradient norm.
+MIN_DEEPSPEED = "0.19.8"
 #: Build under ``zero.Init`` from this many parameters when ``zero_init`` is "auto" (the 1.4b and
 #: 7b sizes; a 125m model fits on every GPU before partitioning).
 ZERO_INIT_MIN_PARAMETERS = 500_000_000
@@ -125,6 +134,19 @@ def resolve_ds_config(raw: dict[str, Any], cfg: ExperimentConfig, world_size: in
 
 
 # --- distributed set-up ----------------------------------------------------------------------------
+
+def check_deepspeed_version(version: Optional[str] = None) -> None:
+    """Refuse a DeepSpeed that may apply steps with non-finite gradients (see the module docstring)."""
+    from packaging.version import Version
+
+    if version is None:
+        import deepspeed
+
+        version = deepspeed.__version__
+    if Version(version) < Version(MIN_DEEPSPEED):
+        raise ConfigError(f"deepspeed {version} is installed; megareweight needs deepspeed>={MIN_DEEPSPEED} "
+                          "(older ZeRO-3 applies optimizer steps with NaN gradients outside fp16)")
+
 
 def init_distributed() -> None:
     """Initialise the process group once (gloo on CPU, NCCL on CUDA; DeepSpeed picks)."""
@@ -240,7 +262,13 @@ class DeepSpeedEngine:
         if not getattr(self.engine, "_step_applied", True):
             return float("inf")
         norm = self.engine.get_global_grad_norm()  # already read on the host by DeepSpeed's step
-        return float("nan") if norm is None else float(norm)
+        if norm is None:  # zero_optimization.compute_grad_norm=false: nothing to report or check
+            return float("nan")
+        norm = float(norm)
+        if not math.isfinite(norm):
+            raise RuntimeError(f"DeepSpeed applied an optimizer step with gradient norm {norm}: the parameters "
+                               "may be corrupt; stopped without writing a checkpoint (resume from the last one)")
+        return norm
 
     def skip_step(self) -> None:
         """Discard this step's gradients without an optimizer update (keeps the micro-step count)."""
@@ -355,6 +383,11 @@ class DeepSpeedEngineFactory:
             raise ConfigError(f"{path}: megareweight.zero_init must be \"auto\", true or false")
         self.stage = int(self.raw.get("zero_optimization", {}).get("stage", 0))
         self.built_under_zero_init = False
+        check_deepspeed_version()
+
+    def init_distributed(self) -> None:
+        """Create the process group before the run directory is claimed (the claim is collective)."""
+        init_distributed()
 
     def use_zero_init(self, args: ModelArgs) -> bool:
         if self.stage != 3:

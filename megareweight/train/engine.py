@@ -120,6 +120,11 @@ class PlainEngine:
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
+    @property
+    def loss_scale(self) -> float:
+        """The fp16 loss scale (1.0 without fp16)."""
+        return float(self._scaler.get_scale()) if self._scaler else 1.0
+
     def skip_step(self) -> None:
         """Drop the gradients; with fp16, let the scaler lower its scale after an overflow."""
         if self._scaler and self._unscaled:
@@ -132,12 +137,17 @@ class PlainEngine:
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        torch.save({"model": self.module.model.state_dict(), "optimizer": self.optimizer.state_dict()}, directory / "engine.pt")
+        state = {"model": self.module.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        if self._scaler:  # the fp16 loss scale and its growth tracker: part of an exact resume
+            state["scaler"] = self._scaler.state_dict()
+        torch.save(state, directory / "engine.pt")
 
     def load(self, directory: Path) -> None:
         state = torch.load(directory / "engine.pt", map_location=self.device, weights_only=True)
         self.module.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self._scaler and "scaler" in state:
+            self._scaler.load_state_dict(state["scaler"])
 
     def barrier(self) -> None:
         pass
