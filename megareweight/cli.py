@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+#: ``model-info`` flags that override a named size's shapes, like the config's ``model.*`` keys.
+MODEL_SHAPE_KEYS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len")
 
 
 class UsageError(ValueError):
@@ -143,8 +145,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_model_info(args: argparse.Namespace) -> int:
     from megareweight.model_info import model_info
 
+    shape = {key: getattr(args, key) for key in MODEL_SHAPE_KEYS}
     info = model_info(args.size, vocab_size=args.vocab_size, seq_len=args.seq_len, nodes=args.nodes,
-                      gpus_per_node=args.gpus_per_node)
+                      gpus_per_node=args.gpus_per_node, **shape)
     if args.json:
         print(json.dumps(info))
     else:
@@ -235,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=8)
+    for key in MODEL_SHAPE_KEYS:
+        p.add_argument(f"--{key.replace('_', '-')}", type=int, default=None,
+                       help=f"override the size's {key} (the config's model.{key})")
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true")
 

@@ -16,7 +16,11 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from megareweight.model.llama import ModelArgs, model_args
 from megareweight.reweighting.strategies import STRATEGIES
+
+#: Placeholder vocabulary for load-time shape checks; the prepared data's tokenizer sets the real one.
+_VALIDATION_VOCAB = 2
 
 
 class ConfigError(ValueError):
@@ -56,11 +60,30 @@ COMPILE_MODES = ("blocks", "ops")
 
 @dataclass
 class ModelConfig:
+    """A named size, optionally with some shapes overridden.
+
+    Why overrides rather than more named sizes: experiments must pick a model that fits their
+    compute budget (e.g. a 3 M-parameter model for a CPU study); a size per experiment would grow
+    the list without end. ``None`` keeps the named size's value; the result is checked at load
+    time (:func:`model_args_for`), with errors naming the ``model.*`` key.
+    """
+
     size: ModelSize = "small"
     tie_embeddings: Optional[bool] = None  # None: the named size's default
     # What backward recomputes (see megareweight.model.llama); true/false mean full/none.
     activation_checkpointing: Union[bool, str] = "none"
     checkpoint_every: Optional[int] = None  # k of every_k (default 2); only with every_k
+    d_model: Optional[int] = None
+    n_layers: Optional[int] = None
+    n_heads: Optional[int] = None
+    n_kv_heads: Optional[int] = None  # None: the named size's (multi-head attention if it has none)
+    ffn_dim: Optional[int] = None  # None: the named size's (LLaMA's 8/3 d rule if it has none)
+    max_seq_len: Optional[int] = None
+
+    def shape_overrides(self) -> dict[str, Any]:
+        """The keys set in this config that replace the named size's values."""
+        keys = ("tie_embeddings", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 
 @dataclass
@@ -239,6 +262,24 @@ def _require(cond: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+def model_args_for(cfg: ExperimentConfig, vocab_size: int) -> ModelArgs:
+    """The model shapes of ``cfg``: the named ``model.size`` with the ``model.*`` overrides.
+
+    The one place that turns a config into :class:`ModelArgs` (the trainer and the load-time
+    validation both call it). Raises :class:`ConfigError` naming the key: positive values,
+    ``model.d_model`` divisible by ``model.n_heads``, ``model.n_heads`` by ``model.n_kv_heads``,
+    an even head dimension (rotary embeddings), and ``data.seq_len <= model.max_seq_len``.
+    """
+    try:
+        args = model_args(cfg.model.size, vocab_size=vocab_size, **cfg.model.shape_overrides())
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if cfg.data.seq_len > args.max_seq_len:
+        raise ConfigError(f"data.seq_len: {cfg.data.seq_len} exceeds model.max_seq_len {args.max_seq_len} "
+                          f"(size {cfg.model.size}); lower data.seq_len or raise model.max_seq_len")
+    return args
+
+
 def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     """Range and cross-field checks that types alone cannot express."""
     d, o, t, rw, m = cfg.data, cfg.optim, cfg.train, cfg.reweight, cfg.model
@@ -254,6 +295,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         _require(m.checkpoint_every >= 1, "model.checkpoint_every", f"must be >= 1, got {m.checkpoint_every}")
     _require(d.prefetch >= 0, "data.prefetch", f"must be >= 0 (0 disables), got {d.prefetch}")
     _require(t.peak_tflops is None or t.peak_tflops > 0, "train.peak_tflops", f"must be > 0, got {t.peak_tflops}")
+    model_args_for(cfg, vocab_size=_VALIDATION_VOCAB)  # shapes do not depend on the vocabulary
     _require(d.seq_len >= 1, "data.seq_len", f"must be >= 1, got {d.seq_len}")
     _require(d.micro_batch_size >= 1, "data.micro_batch_size", f"must be >= 1, got {d.micro_batch_size}")
     _require(d.eval_sequences >= 1, "data.eval_sequences", f"must be >= 1, got {d.eval_sequences}")

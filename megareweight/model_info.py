@@ -33,11 +33,16 @@ def largest_layer_parameters(model: nn.Module) -> int:
 
 
 def model_info(size: str, vocab_size: int = 32000, seq_len: int = 2048, nodes: int = 1,
-               gpus_per_node: int = 8) -> dict[str, Any]:
-    """Facts about a named model size for a ``nodes`` x ``gpus_per_node`` job (see module doc)."""
+               gpus_per_node: int = 8, **shape: Any) -> dict[str, Any]:
+    """Facts about a named model size for a ``nodes`` x ``gpus_per_node`` job (see module doc).
+
+    ``shape`` takes the same overrides as the config's ``model.*`` keys (``d_model``, ``n_layers``,
+    ``n_heads``, ``n_kv_heads``, ``ffn_dim``, ``max_seq_len``, ``tie_embeddings``; None = the
+    size's value), so a config's model can be sized before it is trained.
+    """
     if nodes < 1 or gpus_per_node < 1:
         raise ValueError(f"--nodes and --gpus-per-node must be >= 1, got {nodes}, {gpus_per_node}")
-    args = model_args(size, vocab_size=vocab_size)
+    args = model_args(size, vocab_size=vocab_size, **shape)
     if seq_len < 1 or seq_len > args.max_seq_len:
         raise ValueError(f"--seq-len must be in [1, {args.max_seq_len}] for {size}, got {seq_len}")
     model = build_model(args, device="meta")

@@ -44,12 +44,25 @@ class ModelArgs:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
+        # Messages name the config keys (``model.*``): the config loader reuses these checks, so a
+        # bad shape in a YAML file is reported at load time with the key to fix.
+        for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ValueError(f"model.{key}: must be >= 1, got {value}")
         if self.d_model % self.n_heads:
-            raise ValueError(f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads})")
+            raise ValueError(f"model.d_model: {self.d_model} is not divisible by model.n_heads ({self.n_heads})")
         if self.n_heads % self.kv_heads:
-            raise ValueError(f"model.n_heads ({self.n_heads}) must be divisible by model.n_kv_heads ({self.kv_heads})")
+            raise ValueError(f"model.n_heads: {self.n_heads} is not divisible by model.n_kv_heads ({self.kv_heads})")
         if (self.d_model // self.n_heads) % 2:
-            raise ValueError("head dimension d_model/n_heads must be even for rotary embeddings")
+            raise ValueError(f"model.d_model: the head dimension d_model / n_heads = {self.d_model // self.n_heads} "
+                             "must be even for rotary embeddings")
+
+    def describe(self) -> str:
+        """One line of shapes for logs (what a ``model.*`` override changed is visible at startup)."""
+        heads = f"{self.n_heads} heads" + (f" ({self.kv_heads} kv)" if self.kv_heads != self.n_heads else "")
+        return (f"d_model {self.d_model}, {self.n_layers} layers, {heads}, ffn {self.hidden_dim}, "
+                f"vocab {self.vocab_size}, max_seq_len {self.max_seq_len}{', tied' if self.tie_embeddings else ''}")
 
     @property
     def kv_heads(self) -> int:

@@ -26,11 +26,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from megareweight.config import ExperimentConfig, dump_config
+from megareweight.config import ExperimentConfig, dump_config, model_args_for
 from megareweight.data.mixture import MixtureSampler, validation_batches
 from megareweight.data.prefetch import PrefetchLoader
 from megareweight.data.shards import PreparedData
-from megareweight.model import build_model, model_args
+from megareweight.model import build_model
 from megareweight.reweighting import ReweightSchedule
 from megareweight.train import checkpoint as ckpt
 from megareweight.train import distributed, faults, run_dir
@@ -216,9 +216,7 @@ def _train(cfg: ExperimentConfig, out: Path, factory: Callable[[ReweightedLM, Ex
     schedule = ReweightSchedule(**{f.name: getattr(cfg.reweight, f.name) for f in dataclasses.fields(ReweightSchedule)})
 
     torch.manual_seed(cfg.train.seed)
-    args = model_args(cfg.model.size, vocab_size=data.vocab_size, tie_embeddings=cfg.model.tie_embeddings)
-    if cfg.data.seq_len > args.max_seq_len:
-        raise ValueError(f"data.seq_len {cfg.data.seq_len} exceeds the {cfg.model.size} model's max_seq_len {args.max_seq_len}")
+    args = model_args_for(cfg, data.vocab_size)
     # An engine may construct the model its own way (DeepSpeed: zero.Init shards large models).
     model_init = getattr(factory, "model_init", None)
     with model_init(cfg, args) if model_init else contextlib.nullcontext():
@@ -266,7 +264,7 @@ def _train(cfg: ExperimentConfig, out: Path, factory: Callable[[ReweightedLM, Ex
     logger = MetricsLogger(out, cfg, enabled=is_main, resume_step=start_step if point is not None else None,
                            wandb_id=run.wandb_id)
     if is_main and progress:
-        print(f"[megareweight] model {cfg.model.size}: {n_params:,} parameters; loss impl: {loss_name}; "
+        print(f"[megareweight] model {cfg.model.size} ({args.describe()}): {n_params:,} parameters; loss impl: {loss_name}; "
               f"engine: {engine.name} x{engine.world_size}; train domains {plan.train}; held out {plan.heldout}")
 
     def save(step_done: int, kind: str = ckpt.REGULAR) -> Optional[Path]:
