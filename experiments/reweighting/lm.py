@@ -258,10 +258,26 @@ def git_commit(paths: list[Path], message: str) -> None:
     print(f"[lm] warning: could not commit results: {commit.stderr.strip()}", flush=True)
 
 
+def run_order(work: Path, seeds: int, first: list[str]) -> list[tuple[str, int]]:
+    """The queue: runs already started (they have a checkpoint) first, then the ``first`` methods
+    for every seed, then the others; seed-major within each group, so that partial results stay
+    paired."""
+    unknown = sorted(set(first) - set(METHODS))
+    if unknown:
+        raise SystemExit(f"lm.py: --first: unknown method(s) {', '.join(unknown)}; allowed: {', '.join(METHODS)}")
+    queue = [(m, s) for s in range(seeds) for m in METHODS]
+
+    def key(item: tuple[str, int]) -> tuple[int, int]:
+        started = (run_dir(work, *item) / "checkpoints" / "latest").exists()
+        return (0 if started else 1 if item[0] in first else 2, queue.index(item))
+
+    return sorted(queue, key=key)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     work, out = Path(args.work).resolve(), Path(args.out)
     prepared, external = ensure_inputs(work, Path(args.corpus))
-    queue = [(m, s) for s in range(args.seeds) for m in METHODS]  # seed-major: partial results stay paired
+    queue = run_order(work, args.seeds, args.first.split(",") if args.first else [])
     errors: list[str] = []
 
     def job(item: tuple[str, int]) -> None:
@@ -602,6 +618,8 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--commit", action="store_true", help="git-commit the report after every finished run")
     p.add_argument("--steps", type=int, default=STEPS, help="steps per run (smoke tests only; results use the default)")
+    p.add_argument("--first", default="", metavar="M1,M2",
+                   help=f"train these methods for every seed before the others (of {', '.join(METHODS)})")
     p = sub.add_parser("measure", help="tokens/s of the experiment's model for the two thread layouts")
     p.add_argument("--steps", type=int, default=30)
     sub.add_parser("report", help="results.json, lm_results.md and plots from the finished runs")
