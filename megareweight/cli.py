@@ -1,27 +1,23 @@
 """``megareweight`` command line: corpus, prepare, train, demo, verify, model-info, mix.
 
-Exit codes (documented in the README):
-  0  success
-  1  the job failed while running (e.g. repeated non-finite losses; a checkpoint was written)
-  2  bad input: configuration, command-line arguments, missing or corrupt files
-130  interrupted (Ctrl-C)
-Errors of kind 1 and 2 are printed as one line ``megareweight: error: ...`` without a traceback
-(set ``MEGAREWEIGHT_DEBUG=1`` to see it).
+Exit codes (0 success, 1 failed while running, 2 bad input, 130 interrupted) and the one-line
+error handling live in :mod:`megareweight.cli_errors`, which every entry point shares. Errors of
+kind 1 and 2 are printed as one line ``megareweight: error: ...`` without a traceback (set
+``MEGAREWEIGHT_DEBUG=1`` to see it). Subcommand modules (``train``, ``mix``) never import this
+module: it imports them, one way only.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+from megareweight.cli_errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, UsageError, run_command
+from megareweight.train.__main__ import add_train_arguments
 
-
-class UsageError(ValueError):
-    """Bad command-line input (exit code 2)."""
+__all__ = ["main", "build_parser", "UsageError", "EXIT_OK", "EXIT_FAILED", "EXIT_BAD_INPUT", "EXIT_INTERRUPTED"]
 
 
 # --- subcommands ----------------------------------------------------------------------------------
@@ -109,18 +105,6 @@ def cmd_model_info(args: argparse.Namespace) -> int:
 
 # --- parser ---------------------------------------------------------------------------------------
 
-def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    """Arguments of ``megareweight train`` (shared with ``python -m megareweight.train``)."""
-    p.add_argument("--config", required=True, help="YAML experiment config")
-    p.add_argument("--out", required=True, help="output directory (metrics, checkpoints, wandb)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config value (repeatable), e.g. --set optim.lr=1e-3")
-    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
-    p.add_argument("--deepspeed", metavar="JSON", default=None, help="DeepSpeed config; runs under DeepSpeed")
-    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
-    p.add_argument("--quiet", action="store_true", help="no progress bars or banners")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megareweight", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -190,36 +174,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json-out", default=None, help="also write the JSON to this file")
     p.add_argument("--quiet", action="store_true")
 
-    from megareweight.mixing.cli import register as register_mix
+    from megareweight.autoscale.cli import register as register_mix
 
     register_mix(sub)
     return parser
 
 
-def _bad_input_types() -> tuple[type, ...]:
-    from megareweight.config import ConfigError
-    from megareweight.data.corpus import CorpusError
-    from megareweight.data.shards import ShardError
-
-    return (UsageError, ConfigError, CorpusError, ShardError, FileNotFoundError, ValueError)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if getattr(args, "quiet", False):
-        os.environ.setdefault("WANDB_SILENT", "true")
-    try:
-        return args.func(args)
-    except KeyboardInterrupt:
-        print("megareweight: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except Exception as exc:  # one line, no traceback; MEGAREWEIGHT_DEBUG=1 re-raises
-        if os.environ.get("MEGAREWEIGHT_DEBUG"):
-            raise
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"megareweight: error: {message}", file=sys.stderr)
-        return EXIT_BAD_INPUT if isinstance(exc, _bad_input_types()) else EXIT_FAILED
+    args = build_parser().parse_args(argv)
+    return run_command(args.func, args)
 
 
 if __name__ == "__main__":

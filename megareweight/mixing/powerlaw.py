@@ -232,6 +232,51 @@ def _summary_points(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return (px, py) if np.all(np.diff(py) < 0) else None
 
 
+def shape_problem(x: ArrayLike, losses: ArrayLike) -> str | None:
+    """Why a decreasing convex power law cannot describe these points, or ``None`` if it can.
+
+    AutoScale's model needs each domain's loss to fall as its data grows, and to fall more slowly
+    at larger ``x`` (``(x + a)^(-b)`` is convex). Noisy runs often violate one or the other, and a
+    curve forced through such points sends DDO to a corner (a near-linear curve puts every token
+    on one domain). The check is on the mean loss at each distinct ``x``; with more than 3 of them
+    it uses the smallest, the (geometrically) middle and the largest, the points that decide the
+    curve's overall shape. Reasons returned:
+
+    * ``"not decreasing"``: the loss does not fall strictly from one ``x`` to the next;
+    * ``"concave"``: it falls at least as fast per unit of ``x`` between the upper two points as
+      between the lower two (a straight line or worse);
+    * ``"no exact power law"`` (3 points only): convex and decreasing, but the drop is too large
+      for the model, which has no amplitude factor (see :func:`fit_power_law`).
+
+    Raises :class:`FitError` only for malformed input (lengths, non-finite values, ``x <= 0``,
+    losses ``<= 0``).
+    """
+    try:
+        xv = as_vector("x", x)
+        yv = as_vector("losses", losses)
+    except MixingError as exc:
+        raise FitError(str(exc)) from None
+    if xv.shape != yv.shape:
+        raise FitError(f"x and losses must have the same length, got {xv.size} and {yv.size}")
+    if (xv <= 0).any():
+        raise FitError(f"data amounts x must be > 0, got {xv[xv <= 0].tolist()}")
+    if (yv <= 0).any():
+        raise FitError("losses must be > 0: the model (x + a)^(-b) + c with c >= 0 is positive")
+    xs = np.unique(xv)
+    if xs.size < 3:
+        raise FitError(f"need at least 3 distinct data amounts, got {xs.tolist()}")
+    means = np.array([yv[xv == v].mean() for v in xs])
+    mid = 1 + int(np.argmin(np.abs(np.log(xs[1:-1]) - 0.5 * np.log(xs[0] * xs[-1]))))
+    px, py = xs[[0, mid, -1]], means[[0, mid, -1]]
+    if not np.all(np.diff(py) < 0):
+        return "not decreasing"
+    if (py[0] - py[1]) * (px[2] - px[1]) <= (py[1] - py[2]) * (px[1] - px[0]):
+        return "concave"
+    if xs.size == 3 and not interpolating_power_laws(px, py):
+        return "no exact power law"
+    return None
+
+
 def fit_power_law(x: ArrayLike, losses: ArrayLike, *, robust: bool | None = None,
                   f_scale: float | None = None, n_starts: int = 6) -> PowerLaw:
     """Fit ``L(x) = (x + a)^(-b) + c`` to measured losses (AutoScale, Kang et al. 2024).

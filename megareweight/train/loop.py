@@ -265,6 +265,9 @@ def train(
     logger.log_eval(eval_row)
     save(total_steps)
     seconds = time.time() - start_time
+    # tokens_per_domain: what the sampler actually drew (domains are drawn per slot at random, so
+    # it differs from mixture x tokens); AutoScale's fit (megareweight.autoscale) reads it.
     logger.finish({**eval_row, "seconds": seconds, "loss_impl": loss_name, "parameters": n_params,
-                   "skipped_steps": skipped, "engine": engine.name, "world_size": engine.world_size})
+                   "skipped_steps": skipped, "engine": engine.name, "world_size": engine.world_size,
+                   "tokens_per_domain": sampler.tokens_consumed()})
     return TrainResult(out, total_steps, total_steps * tokens_per_step, seconds, loss_name, last_eval, skipped, is_main)
