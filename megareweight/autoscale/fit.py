@@ -11,7 +11,8 @@ domain gets one point per setting: the base (x = 1, score 1) and the runs that s
 Guards: a domain is *held* at its base amount (``x = 1``, not optimised) when
 
 * its points are not a decreasing convex triple (:func:`~megareweight.mixing.shape_problem`):
-  a concave or flat curve forced through them sends DDO to a corner;
+  a concave or flat curve forced through them sends DDO to a corner; or, with 3 points, no curve
+  ``(x + a)^(-b) + c`` passes through them (a drop too steep for the model);
 * with 2 or more seeds, its effect (mean score at its smallest ``x`` minus at its largest) is
   smaller than ``significance`` (default 2) standard errors. The standard error of a difference
   of two settings' means is ``sd * sqrt(2 / K)``, with ``sd`` the seed noise of one run estimated
@@ -74,6 +75,7 @@ from megareweight.mixing.objective import DESCRIPTIONS
 FIT_VERSION = 2
 DEFAULT_SIGNIFICANCE = 2.0
 _AT_BOUND = 1e-6   # relative distance to a bound that counts as "on" it
+_EXACT = 1e-6      # largest residual (relative objective) of a 3-point fit that counts as exact
 
 
 def _measure_all(root: Path, plan: dict[str, Any]) -> dict[str, RunMeasurement]:
@@ -119,6 +121,9 @@ def fit_plan(plan_dir: str | Path, *, objective: str = DEFAULT_OBJECTIVE, min_x:
     # --- scores and actual amounts, relative to the mean base replica ---------------------------
     base_runs = by_group[BASE_GROUP]
     n_bar = np.array([np.mean([meas[r["name"]].tokens[d] for r in base_runs]) for d in domains])
+    if (n_bar <= 0).any():
+        raise WorkflowError(f"the base run drew no tokens of domain {domains[int(np.argmin(n_bar))]!r}; "
+                            "raise the budget")
     score = {name: run_objective([m.losses[d] for d in domains], objective) for name, m in meas.items()}
     base_score = float(np.mean([score[r["name"]] for r in base_runs]))
     rel = {name: s / base_score for name, s in score.items()}
@@ -156,8 +161,14 @@ def fit_plan(plan_dir: str | Path, *, objective: str = DEFAULT_OBJECTIVE, min_x:
         }
         if len(pts) < 3:
             raise WorkflowError(f"domain {d!r}: only {len(pts)} settings (need the base and two perturbed runs)")
-        reason = shape_problem(x, y)
-        if reason is not None:
+        try:
+            reason = shape_problem(x, y)
+        except FitError as exc:            # e.g. a scaled-down domain drew no tokens at all (x = 0)
+            reason = f"{exc} (the budget is too small for the planned amounts)"
+            shape_error = True
+        else:
+            shape_error = False
+        if reason is not None and not shape_error:
             reason = f"{reason}: relative objective {', '.join(f'{v:.5f}' for v in y)} at x = " \
                      f"{', '.join(f'{v:.3g}' for v in x)}"
         elif noise is not None and effect < significance * noise["effect_se"]:
@@ -170,7 +181,10 @@ def fit_plan(plan_dir: str | Path, *, objective: str = DEFAULT_OBJECTIVE, min_x:
                     law = fit_power_law(x, y)
                 except FitError as exc:
                     reason = str(exc)
-            if reason is None:
+            missed = reason is None and len(x) == 3 and max(abs(r) for r in law.residuals) > _EXACT
+            if missed:     # 3 points the model cannot pass through: a curve that misses them decides nothing
+                reason = "no exact power law: " + "; ".join(str(w.message) for w in caught)
+            elif reason is None:
                 notes += [f"domain {d!r}: {w.message}" for w in caught]
         if reason is not None:
             held[d] = reason

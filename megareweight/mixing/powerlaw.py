@@ -244,9 +244,10 @@ def shape_problem(x: ArrayLike, losses: ArrayLike) -> str | None:
 
     * ``"not decreasing"``: the loss does not fall strictly from one ``x`` to the next;
     * ``"concave"``: it falls at least as fast per unit of ``x`` between the upper two points as
-      between the lower two (a straight line or worse);
-    * ``"no exact power law"`` (3 points only): convex and decreasing, but the drop is too large
-      for the model, which has no amplitude factor (see :func:`fit_power_law`).
+      between the lower two (a straight line or worse).
+
+    Points that pass can still be too steep for the model, which has no amplitude factor:
+    :func:`fit_power_law` then warns and returns a least-squares curve that misses them.
 
     Raises :class:`FitError` only for malformed input (lengths, non-finite values, ``x <= 0``,
     losses ``<= 0``).
@@ -272,8 +273,6 @@ def shape_problem(x: ArrayLike, losses: ArrayLike) -> str | None:
         return "not decreasing"
     if (py[0] - py[1]) * (px[2] - px[1]) <= (py[1] - py[2]) * (px[1] - px[0]):
         return "concave"
-    if xs.size == 3 and not interpolating_power_laws(px, py):
-        return "no exact power law"
     return None
 
 
