@@ -76,8 +76,8 @@ def _jac(p: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.column_stack([-p[1] * t / xa, -t * np.log(xa), np.ones_like(x)])
 
 
-def _check_points(x: np.ndarray, y: np.ndarray) -> None:
-    """Refuse data from which a decreasing power law cannot be identified."""
+def _distinct_means(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct ``x`` (sorted) and the mean loss at each; refuses malformed points."""
     if x.shape != y.shape:
         raise FitError(f"x and losses must have the same length, got {x.size} and {y.size}")
     if x.size < 3:
@@ -89,7 +89,12 @@ def _check_points(x: np.ndarray, y: np.ndarray) -> None:
     xs = np.unique(x)
     if xs.size < 3:
         raise FitError(f"need at least 3 distinct data amounts, got {xs.tolist()}")
-    means = np.array([y[x == v].mean() for v in xs])
+    return xs, np.array([y[x == v].mean() for v in xs])
+
+
+def _check_points(x: np.ndarray, y: np.ndarray) -> None:
+    """Refuse data from which a decreasing power law cannot be identified."""
+    xs, means = _distinct_means(x, y)
     if xs.size == 3 and not np.all(np.diff(means) < 0):
         raise FitError(f"loss is not decreasing as data grows: x={xs.tolist()} -> losses={means.tolist()}")
     if means[-1] >= means[0]:
@@ -257,16 +262,7 @@ def shape_problem(x: ArrayLike, losses: ArrayLike) -> str | None:
         yv = as_vector("losses", losses)
     except MixingError as exc:
         raise FitError(str(exc)) from None
-    if xv.shape != yv.shape:
-        raise FitError(f"x and losses must have the same length, got {xv.size} and {yv.size}")
-    if (xv <= 0).any():
-        raise FitError(f"data amounts x must be > 0, got {xv[xv <= 0].tolist()}")
-    if (yv <= 0).any():
-        raise FitError("losses must be > 0: the model (x + a)^(-b) + c with c >= 0 is positive")
-    xs = np.unique(xv)
-    if xs.size < 3:
-        raise FitError(f"need at least 3 distinct data amounts, got {xs.tolist()}")
-    means = np.array([yv[xv == v].mean() for v in xs])
+    xs, means = _distinct_means(xv, yv)
     mid = 1 + int(np.argmin(np.abs(np.log(xs[1:-1]) - 0.5 * np.log(xs[0] * xs[-1]))))
     px, py = xs[[0, mid, -1]], means[[0, mid, -1]]
     if not np.all(np.diff(py) < 0):
