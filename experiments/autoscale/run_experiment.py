@@ -48,6 +48,10 @@ from megareweight.config import config_from_dict, dump_config, load_config  # no
 from megareweight.mixing import run_objective, t_interval  # noqa: E402
 
 CORPUS = Path("/work/shared/corpus")
+# The code the training subprocesses run: the checkout this script imported megareweight from (as
+# working directory AND PYTHONPATH: `python -m` puts the working directory first on sys.path, so a
+# run started from another checkout's root would silently train with that checkout's code).
+CODE_ROOT = Path(mix.__file__).resolve().parents[2]
 METHODS = ("uniform", "extrapolated", "b2_mixture")
 
 
@@ -67,14 +71,16 @@ def run_jobs(jobs: list[tuple[Path, Path]], workers: int, threads: int, log: Pat
     todo = [(c, o) for c, o in jobs if not is_done(c, o)]
     if not todo:
         return 0.0
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), WANDB_MODE="disabled")
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), WANDB_MODE="disabled",
+               PYTHONPATH=str(CODE_ROOT))
     start = time.time()
 
     def one(job: tuple[Path, Path]) -> None:
         config, out = job
         t0 = time.time()
         with open(log, "a") as handle:
-            proc = subprocess.run(_train_cmd(config, out), env=env, stdout=handle, stderr=subprocess.STDOUT)
+            proc = subprocess.run(_train_cmd(config, out), env=env, cwd=CODE_ROOT, stdout=handle,
+                                  stderr=subprocess.STDOUT)
         if proc.returncode != 0:
             raise RuntimeError(f"training {out} failed (exit {proc.returncode}); see {log}")
         print(f"[exp]   {out.parent.name}/{out.name}: {time.time() - t0:.0f} s", flush=True)
@@ -134,6 +140,21 @@ def interval(values: list[float]) -> dict[str, Any]:
 
 
 # --- stages -------------------------------------------------------------------------------------
+
+def base_raw(prepared: Path, model: str, tie: bool, micro_batch_size: int, lr: float,
+             eval_sequences: int) -> dict[str, Any]:
+    """The base config of every run: uniform mixture, seq_len 128, AdamW with a short warm-up."""
+    return {
+        "model": {"size": model, "tie_embeddings": tie},
+        "data": {"prepared": str(prepared), "mixture": "uniform", "seq_len": 128,
+                 "micro_batch_size": micro_batch_size, "eval_sequences": eval_sequences},
+        "reweight": {"strategy": "uniform"},
+        "loss": {"impl": "auto"},
+        "optim": {"lr": lr, "warmup_steps": 10, "min_lr_ratio": 0.1},
+        "train": {"seed": 0, "max_steps": 100, "eval_interval": 0, "histogram_interval": 0},
+        "wandb": {"mode": "disabled"},
+    }
+
 
 def ensure_prepared(work: Path, domains: str, vocab: int) -> Path:
     out = work / "prepared"
@@ -410,6 +431,10 @@ def main() -> int:
     ap.add_argument("--final-seeds", type=int, default=3)
     ap.add_argument("--final-evals", type=int, default=20)
     ap.add_argument("--model", default="tiny")
+    ap.add_argument("--tie-embeddings", choices=["yes", "no"], default="no",
+                    help="no (default): untied input/output embeddings; the tied tiny model sat on the unigram "
+                         "plateau for a seed-dependent number of steps, which made the noise gate fail")
+    ap.add_argument("--micro-batch-size", type=int, default=8, help="sequences of 128 tokens per step")
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--eval-sequences", type=int, default=128)
     ap.add_argument("--jobs", default="auto", help="'auto' (measure), '1x2' (one run, 2 threads) or '2x1'")
@@ -421,17 +446,8 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     log = work / "train.log"
     prepared = ensure_prepared(work, args.domains, args.vocab_size)
-    base_raw = {
-        "model": {"size": args.model},
-        "data": {"prepared": str(prepared), "mixture": "uniform", "seq_len": 128, "micro_batch_size": 16,
-                 "eval_sequences": args.eval_sequences},
-        "reweight": {"strategy": "uniform"},
-        "loss": {"impl": "auto"},
-        "optim": {"lr": args.lr, "warmup_steps": 10, "min_lr_ratio": 0.1},
-        "train": {"seed": 0, "max_steps": 100, "eval_interval": 0, "histogram_interval": 0},
-        "wandb": {"mode": "disabled"},
-    }
-    base = write_config(base_raw, work / "base.yaml")
+    base = write_config(base_raw(prepared, args.model, args.tie_embeddings == "yes", args.micro_batch_size, args.lr,
+                                 args.eval_sequences), work / "base.yaml")
     domains = args.domains.split(",")
     import torch
 
