@@ -36,7 +36,8 @@ setup(
     install_requires=install_requires,
     extras_require={
         "dev": ["pytest>=8,<9", "hypothesis>=6.100,<7", "pytest-timeout>=2.3,<3"],
-        "bench": ["liger-kernel>=0.5,<0.9"],
+        # liger < 0.8.2 scales every row of a reduction="none" backward by grad_output[0].
+        "bench": ["liger-kernel>=0.8.2,<0.9", "cut-cross-entropy>=25.1,<26"],
         "hf": ["transformers>=4.44,<6", "safetensors>=0.4,<1"],
     },
     entry_points={"console_scripts": ["megareweight=megareweight.cli:main"]},

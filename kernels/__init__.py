@@ -1,22 +1,27 @@
 """Loss kernels: LM head + cross-entropy + instance reweighting (Sow et al., ICLR 2025).
 
-Three implementations with one contract (see :func:`kernels.reference.linear_weighted_ce`):
+The public API. One algorithm (:mod:`kernels.weighted_ce.function`) in two modes (``fast``:
+6NDV FLOPs and a stored gradient; ``lean``: 8NDV and one logit block of memory) with two
+implementations of its elementwise part; ``loss.impl`` picks one of:
 
+* ``fused``     – Triton epilogue kernels (CUDA; CPU only under ``TRITON_INTERPRET=1``);
+* ``chunked``   – PyTorch elementwise epilogue (the CPU training path);
 * ``reference`` – plain autograd, materialises [N, V] logits (ground truth for tests);
-* ``chunked``   – PyTorch custom autograd over token chunks (CPU training);
-* ``fused``     – Triton kernels (CUDA; runs on CPU only under ``TRITON_INTERPRET=1``).
+* ``auto``      – ``fused`` on CUDA when Triton is importable, else ``chunked``.
 
 Triton is imported lazily so that ``import kernels`` works where it is missing (macOS) and so that
-``TRITON_INTERPRET`` can still be set by the caller before the first fused call.
+``TRITON_INTERPRET`` can still be set by the caller before the first Triton call.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
-from kernels.reference import LossOutput
+from kernels.weighted_ce.function import MODES, check_options, fused_linear_weighted_ce
+from kernels.weighted_ce.reference import LossOutput
 
 LOSS_IMPLS = ("auto", "fused", "chunked", "reference")
 
@@ -26,34 +31,29 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def fused_linear_weighted_ce(*args, **kwargs) -> LossOutput:
-    """Lazy forwarder to :func:`kernels.fused_ce.fused_linear_weighted_ce`."""
-    from kernels.fused_ce import fused_linear_weighted_ce as impl
-
-    return impl(*args, **kwargs)
-
-
-def get_loss_impl(name: str, device: torch.device | str) -> tuple[str, Callable[..., LossOutput]]:
-    """Resolve a ``loss.impl`` config value to (concrete name, function).
-
-    ``auto`` picks ``fused`` on CUDA when Triton is importable and ``chunked`` otherwise.
-    """
+def get_loss_impl(
+    name: str, device: torch.device | str, mode: str = "auto", chunk_size: Optional[int] = None
+) -> tuple[str, Callable[..., LossOutput]]:
+    """Resolve ``loss.impl`` (+ ``loss.mode``, ``loss.chunk_size``; 0 or None = auto) to
+    (concrete name, loss function with the trainer's call signature)."""
     if name not in LOSS_IMPLS:
         raise ValueError(f"loss.impl: unknown {name!r}; allowed: {', '.join(LOSS_IMPLS)}")
+    chunk_size = chunk_size or None
+    try:
+        check_options(mode, chunk_size)
+    except ValueError as exc:
+        raise ValueError(f"loss.{exc}") from None
     device = torch.device(device)
     if name == "auto":
         name = "fused" if device.type == "cuda" and triton_available() else "chunked"
-    if name == "fused":
-        if not triton_available():
-            raise RuntimeError("loss.impl=fused needs the triton package; use 'chunked' or 'reference'")
-        return name, fused_linear_weighted_ce
-    if name == "chunked":
-        from kernels.chunked import linear_weighted_ce as chunked
+    if name == "reference":
+        from kernels.weighted_ce.reference import linear_weighted_ce
 
-        return name, chunked
-    from kernels.reference import linear_weighted_ce as reference
-
-    return name, reference
+        return name, linear_weighted_ce
+    if name == "fused" and not triton_available():
+        raise RuntimeError("loss.impl=fused needs the triton package; use 'chunked' or 'reference'")
+    epilogue = "triton" if name == "fused" else "torch"
+    return name, functools.partial(fused_linear_weighted_ce, mode=mode, chunk_size=chunk_size, epilogue=epilogue)
 
 
-__all__ = ["LossOutput", "LOSS_IMPLS", "fused_linear_weighted_ce", "get_loss_impl", "triton_available"]
+__all__ = ["LossOutput", "LOSS_IMPLS", "MODES", "fused_linear_weighted_ce", "get_loss_impl", "triton_available"]

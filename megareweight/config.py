@@ -41,6 +41,7 @@ def yaml_load(text: str) -> Any:
 
 ModelSize = Literal["tiny", "small", "125m", "1.4b", "7b"]
 LossImpl = Literal["auto", "fused", "chunked", "reference"]
+LossMode = Literal["auto", "fast", "lean"]
 WandbMode = Literal["offline", "online", "disabled"]
 WarmupMode = Literal["uniform", "temperature"]
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -77,6 +78,8 @@ class ReweightConfig:
 @dataclass
 class LossConfig:
     impl: LossImpl = "auto"
+    mode: LossMode = "auto"  # fast: 6NDV, stores the N x V gradient; lean: 8NDV, O(chunk x V); auto: fast if it fits
+    chunk_size: int = 0  # tokens per logit block; 0: from V and the device
 
 
 @dataclass
@@ -239,6 +242,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     for key, value in (("r", rw.r), ("delta", rw.delta), ("warmup_r", rw.warmup_r)):
         _require(value > 0, f"reweight.{key}", f"must be > 0, got {value}")
     _require(rw.warmup_steps >= 0, "reweight.warmup_steps", f"must be >= 0, got {rw.warmup_steps}")
+    _require(cfg.loss.chunk_size >= 0, "loss.chunk_size", f"must be >= 0 (0: automatic), got {cfg.loss.chunk_size}")
     _require(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
     _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
     _require(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")

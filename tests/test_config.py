@@ -9,6 +9,7 @@ from megareweight.config import ConfigError, config_from_dict, load_config
 def test_defaults_are_valid():
     cfg = config_from_dict({})
     assert cfg.reweight.strategy == "uniform" and cfg.loss.impl == "auto"
+    assert cfg.loss.mode == "auto" and cfg.loss.chunk_size == 0
 
 
 def test_yaml_and_overrides(tmp_path):
@@ -26,6 +27,8 @@ def test_yaml_and_overrides(tmp_path):
         ({"modle": {}}, r"unknown key modle; allowed keys: model, data"),
         ({"model": {"size": "huge"}}, r"model\.size: 'huge' is not allowed; allowed values: tiny, small, 125m, 1\.4b, 7b"),
         ({"loss": {"impl": "cuda"}}, r"loss\.impl: 'cuda' is not allowed; allowed values: auto, fused, chunked, reference"),
+        ({"loss": {"mode": "quick"}}, r"loss\.mode: 'quick' is not allowed; allowed values: auto, fast, lean"),
+        ({"loss": {"chunk_size": -8}}, r"loss\.chunk_size: must be >= 0 \(0: automatic\)"),
         ({"reweight": {"strategy": "linup"}}, r"reweight\.strategy: 'linup' is not allowed; allowed values: uniform, linear"),
         ({"optim": {"lr": "fast"}}, r"optim\.lr: expected a number, got str 'fast'"),
         ({"optim": {"lr": -1}}, r"optim\.lr: must be > 0"),

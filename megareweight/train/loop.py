@@ -164,7 +164,7 @@ def train(
         model = build_model(args, activation_checkpointing=cfg.model.activation_checkpointing)
     n_params = _parameter_count(model)
     device_hint = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    loss_name, loss_fn = get_loss_impl(cfg.loss.impl, device_hint)
+    loss_name, loss_fn = get_loss_impl(cfg.loss.impl, device_hint, mode=cfg.loss.mode, chunk_size=cfg.loss.chunk_size)
     engine = factory(ReweightedLM(model, loss_fn, cfg.reweight.delta), cfg)
     is_main = engine.rank == 0
 

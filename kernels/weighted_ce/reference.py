@@ -1,0 +1,142 @@
+"""Plain-autograd ground truth of the reweighted linear cross-entropy: materialises [N, V] logits.
+
+Same contract as :func:`kernels.fused_linear_weighted_ce` (without its ``mode``/``chunk_size``/
+``epilogue`` knobs); it is the ground truth for the kernel tests and ``loss.impl=reference``. The
+small helpers below (:func:`sample_index`, :func:`reweight_from_sums`) are shared with
+:mod:`kernels.weighted_ce.function` so that both agree on what a sample is and on the weights.
+
+Reweighting follows Sow et al. (ICLR 2025), see :mod:`megareweight.reweighting`:
+``l_i`` = mean token CE of sample i; ``x_i = 2*delta*(l_i - (l_max+l_min)/2) / max(l_max-l_min,
+1e-6)`` over the all-gathered global batch; ``w = softmax(f(x)/r)``; this rank back-propagates
+``sum_i w_i * l_i * world_size``.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from megareweight.reweighting import STRATEGIES, compute_weights, weighted_loss
+from megareweight.reweighting.weights import _gather
+
+
+class LossOutput(NamedTuple):
+    """``loss``: scalar to back-propagate (already scaled by world size);
+    ``per_sample_loss``: [S] this rank's detached per-sample mean CE, NaN where a sample has no
+    valid token; ``weights``: [S * world_size] detached weights over the global batch."""
+
+    loss: torch.Tensor
+    per_sample_loss: torch.Tensor
+    weights: torch.Tensor
+
+
+def check_strategy(strategy: str) -> None:
+    """Fail before any heavy compute (and before a collective) on a misspelt strategy."""
+    if strategy not in STRATEGIES:
+        raise ValueError(
+            f"unknown reweighting strategy {strategy!r}; allowed: {', '.join(sorted(STRATEGIES))}"
+        )
+
+
+def sample_index(labels: torch.Tensor, segment_ids: Optional[torch.Tensor], num_segments: Optional[int]) -> tuple[torch.Tensor, int]:
+    """Map every token to its sample: the row, or (row, segment) for packed documents.
+
+    Returns (index [B*T], number of samples). Without ``num_segments`` the segment count is read
+    from ``segment_ids.max()`` (one host sync): pass it in the training loop.
+    """
+    b, t = labels.shape
+    rows = torch.arange(b, device=labels.device).repeat_interleave(t)
+    if segment_ids is None:
+        return rows, b
+    if num_segments is None:
+        num_segments = int(segment_ids.max().item()) + 1
+    seg = segment_ids.reshape(-1).long().to(labels.device)
+    return rows * num_segments + seg, b * num_segments
+
+
+def per_sample_ce(
+    token_losses: torch.Tensor, valid: torch.Tensor, index: torch.Tensor, num_samples: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean token loss per sample and token count per sample (sum / count, scatter-add)."""
+    sums = torch.zeros(num_samples, dtype=torch.float32, device=token_losses.device)
+    sums = sums.index_add(0, index, torch.where(valid, token_losses.float(), torch.zeros_like(token_losses, dtype=torch.float32)))
+    counts = torch.zeros(num_samples, dtype=torch.float32, device=token_losses.device)
+    counts = counts.index_add(0, index, valid.float())
+    return sums / torch.clamp(counts, min=1.0), counts
+
+
+class Epilogue(NamedTuple):
+    """Everything the custom-autograd paths need after the per-sample reduction.
+
+    ``coef[i] = w_i * world_size / count_i`` is d loss / d (sum of sample i's token losses): the
+    backward scales each token's ``softmax - onehot`` by it (0 for samples without valid tokens).
+    """
+
+    loss: torch.Tensor
+    per_sample_loss: torch.Tensor
+    weights: torch.Tensor
+    coef: torch.Tensor
+
+
+def reweight_from_sums(
+    sums: torch.Tensor,
+    counts: torch.Tensor,
+    strategy: str,
+    r: float,
+    delta: float,
+    group: Optional[dist.ProcessGroup],
+) -> Epilogue:
+    """Per-sample sums/counts -> all-gather -> global weights -> this rank's weighted loss.
+
+    Device-side only (no ``.item()``): mirrors :func:`megareweight.reweighting.weighted_loss`
+    exactly (invalid samples travel as NaN and get weight 0; the rank's slice is taken by its
+    rank in ``group``), but also returns the per-sample gradient coefficient.
+    """
+    sums = sums.float()
+    counts = counts.float()
+    losses = sums / torch.clamp(counts, min=1.0)
+    has_tokens = counts > 0
+    local_valid = has_tokens & torch.isfinite(losses)
+    wire = torch.where(local_valid, losses, torch.full_like(losses, float("nan")))
+    global_losses, rank, world = _gather(wire, group)
+    weights = compute_weights(global_losses, strategy, r, delta, torch.isfinite(global_losses))
+    s = losses.shape[0]
+    local_w = weights[rank * s : (rank + 1) * s]
+    safe = torch.where(local_valid, losses, torch.zeros_like(losses))
+    loss = (local_w * safe).sum() * world
+    coef = torch.where(local_valid, local_w * world / torch.clamp(counts, min=1.0), torch.zeros_like(losses))
+    per_sample = torch.where(has_tokens, losses, torch.full_like(losses, float("nan")))
+    return Epilogue(loss, per_sample, weights, coef)
+
+
+def linear_weighted_ce(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    strategy: str = "linupper",
+    r: float = 1.0,
+    delta: float = 1.0,
+    ignore_index: int = -100,
+    group: Optional[dist.ProcessGroup] = None,
+    segment_ids: Optional[torch.Tensor] = None,
+    num_segments: Optional[int] = None,
+) -> LossOutput:
+    """Logits = hidden @ weight.T in the inputs' dtype, CE in fp32, then the reweighted loss.
+
+    Plain autograd through everything, so it is slow and memory-hungry ([N, V] logits plus their
+    fp32 copy and gradient) but obviously right: the other paths are tested against it.
+    """
+    check_strategy(strategy)
+    b, t, d = hidden.shape
+    logits = (hidden.reshape(-1, d) @ weight.t()).float()
+    flat = labels.reshape(-1)
+    valid = flat != ignore_index
+    token_losses = F.cross_entropy(logits, torch.where(valid, flat, torch.zeros_like(flat)), reduction="none")
+    index, n = sample_index(labels, segment_ids, num_segments)
+    losses, counts = per_sample_ce(token_losses, valid, index, n)
+    out = weighted_loss(losses, strategy, r, group=group, delta=delta, mask=counts > 0)
+    per_sample = torch.where(counts > 0, losses.detach(), torch.full_like(losses, float("nan")))
+    return LossOutput(out.loss, per_sample, out.weights)
