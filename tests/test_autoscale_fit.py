@@ -246,3 +246,12 @@ def test_fit_bad_plan_directories_exit_2(base_yaml, tmp_path, capsys):
     assert main(["mix", "fit", str(plan_dir)]) == 2
     assert "plan version 1" in capsys.readouterr().err
 
+
+
+def test_a_domain_that_drew_no_tokens_is_held(base_yaml, tmp_path):
+    """At tiny budgets a scaled-down domain can draw no slot at all (x = 0): held, with the reason."""
+    plan_dir = _plan(base_yaml, tmp_path, factors="0.25,1,4")
+    fake_plan_runs(plan_dir, actual_x=lambda run: 0.0 if run["domain"] == "code" and run["factor"] < 1 else run["factor"])
+    fit = fit_plan(plan_dir, plots=False)
+    assert fit["curves"]["code"]["status"] == "held"
+    assert "budget is too small" in fit["curves"]["code"]["reason"]

@@ -104,6 +104,60 @@ def _check_options(objective: str, min_x: Optional[float], max_x: Optional[float
         raise WorkflowError(f"--significance must be a number >= 0, got {significance!r}")
 
 
+def _guarded_fit(x: list[float], y: list[float], noise: Optional[dict[str, Any]],
+                 significance: float) -> tuple[Optional[PowerLaw], Optional[str], list[str]]:
+    """``(law, None, warnings)`` for a domain that passes the guards, ``(None, reason, [])`` for one held."""
+    try:
+        problem = shape_problem(x, y)
+    except FitError as exc:                 # e.g. a scaled-down domain drew no tokens at all (x = 0)
+        return None, f"{exc} (the budget is too small for the planned amounts)", []
+    if problem is not None:
+        return None, (f"{problem}: relative objective {', '.join(f'{v:.5f}' for v in y)} at x = "
+                      f"{', '.join(f'{v:.3g}' for v in x)}"), []
+    effect = y[0] - y[-1]
+    if noise is not None and effect < significance * noise["effect_se"]:
+        return None, (f"effect {effect:.4g} is below {significance:g} standard errors "
+                      f"({significance:g} x {noise['effect_se']:.3g}): not distinguishable from seed noise"), []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", MixingWarning)
+        try:
+            law = fit_power_law(x, y)
+        except FitError as exc:
+            return None, str(exc), []
+    messages = [str(w.message) for w in caught]
+    if len(x) == 3 and max(abs(r) for r in law.residuals) > _EXACT:
+        # 3 points the model cannot pass through: a curve that misses them decides nothing
+        return None, "no exact power law: " + "; ".join(messages), []
+    return law, None, messages
+
+
+def _noise(by_group: dict[str, list[dict[str, Any]]], rel: dict[str, float], n_seeds: int) -> Optional[dict[str, Any]]:
+    """Seed noise of one run's relative objective (seeds as blocks) and the standard error of an effect."""
+    if n_seeds < 2:
+        return None
+    sd, dof = blocked_noise_sd([[rel[r["name"]] for r in runs] for runs in by_group.values()])
+    return {"sd": sd, "dof": dof, "effect_se": sd * math.sqrt(2.0 / n_seeds)}
+
+
+def _solve_bounded(fits: list[PowerLaw], pinned: np.ndarray, n_bar: np.ndarray, lower: float, upper: np.ndarray,
+                   avail_limited: np.ndarray) -> tuple[np.ndarray, list[Optional[str]]]:
+    """DDO with held domains pinned at x = 1; which free domains ended on which bound."""
+    lo = np.where(pinned, 1.0, lower)
+    hi = np.where(pinned, 1.0, upper)
+    if pinned.all():
+        return np.ones(len(fits)), [None] * len(fits)
+    x_opt = solve_ddo(fits, float(n_bar.sum()), lower=lo, upper=hi, costs=n_bar)
+    kinds: list[Optional[str]] = []
+    for i in range(len(fits)):
+        kind = None
+        if not pinned[i] and x_opt[i] <= lo[i] * (1 + _AT_BOUND):
+            kind = "lower"
+        elif not pinned[i] and x_opt[i] >= hi[i] * (1 - _AT_BOUND):
+            kind = "availability" if avail_limited[i] else "upper"
+        kinds.append(kind)
+    return x_opt, kinds
+
+
 def fit_plan(plan_dir: str | Path, *, objective: str = DEFAULT_OBJECTIVE, min_x: Optional[float] = None,
              max_x: Optional[float] = None, max_epochs: float = DEFAULT_MAX_EPOCHS,
              significance: float = DEFAULT_SIGNIFICANCE, plots: bool = True) -> dict[str, Any]:
@@ -118,7 +172,7 @@ def fit_plan(plan_dir: str | Path, *, objective: str = DEFAULT_OBJECTIVE, min_x:
     meas = _measure_all(root, plan)
     notes: list[str] = []
 
-    # --- scores and actual amounts, relative to the mean base replica ---------------------------
+    # scores and actual amounts, relative to the mean of the base replicas
     base_runs = by_group[BASE_GROUP]
     n_bar = np.array([np.mean([meas[r["name"]].tokens[d] for r in base_runs]) for d in domains])
     if (n_bar <= 0).any():
@@ -128,111 +182,65 @@ def fit_plan(plan_dir: str | Path, *, objective: str = DEFAULT_OBJECTIVE, min_x:
     base_score = float(np.mean([score[r["name"]] for r in base_runs]))
     rel = {name: s / base_score for name, s in score.items()}
     xs = {name: np.array([m.tokens[d] for d in domains]) / n_bar for name, m in meas.items()}
-
-    # --- seed noise ------------------------------------------------------------------------------
-    n_seeds = len(plan["seeds"])
-    noise = None
-    if n_seeds >= 2:
-        table = [[rel[r["name"]] for r in runs] for runs in by_group.values()]
-        sd, dof = blocked_noise_sd(table)
-        noise = {"sd": sd, "dof": dof, "effect_se": sd * math.sqrt(2.0 / n_seeds)}
-    else:
+    noise = _noise(by_group, rel, len(plan["seeds"]))
+    if noise is None:
         notes.append("one seed per run: the seed noise is unknown, so no effect can be told from noise "
                      "(plan with --seeds 2 or more)")
 
-    # --- per-domain points, guards, fits ---------------------------------------------------------
+    # per domain: the mean of the replicas at each setting that scaled it, guards, fit
     curves: dict[str, dict[str, Any]] = {}
     fits: list[PowerLaw] = []
-    held: dict[str, str] = {}
     for i, d in enumerate(domains):
         settings = [BASE_GROUP] + [g for g, runs in by_group.items() if runs[0]["domain"] == d]
+        if len(settings) < 3:
+            raise WorkflowError(f"domain {d!r}: only {len(settings)} settings (need the base and two perturbed runs)")
         pts = sorted((float(np.mean([xs[r["name"]][i] for r in by_group[g]])),
                       float(np.mean([rel[r["name"]] for r in by_group[g]])), g) for g in settings)
-        x = [p[0] for p in pts]
-        y = [p[1] for p in pts]
-        effect = y[0] - y[-1]
+        x, y = [p[0] for p in pts], [p[1] for p in pts]
+        law, reason, messages = _guarded_fit(x, y, noise, significance)
+        notes += [f"domain {d!r}: {m}" for m in messages]
         curve: dict[str, Any] = {
+            "status": "held" if law is None else "fitted", "reason": reason,
             "x": x, "relative_objective": y, "settings": [p[2] for p in pts],
             "replica_x": [[float(xs[r["name"]][i]) for r in by_group[p[2]]] for p in pts],
             "replica_relative_objective": [[rel[r["name"]] for r in by_group[p[2]]] for p in pts],
-            "effect": effect,
+            "effect": y[0] - y[-1],
             "effect_se": None if noise is None else noise["effect_se"],
-            "effect_z": None if noise is None else effect / noise["effect_se"],
+            "effect_z": None if noise is None else (y[0] - y[-1]) / noise["effect_se"],
         }
-        if len(pts) < 3:
-            raise WorkflowError(f"domain {d!r}: only {len(pts)} settings (need the base and two perturbed runs)")
-        try:
-            reason = shape_problem(x, y)
-        except FitError as exc:            # e.g. a scaled-down domain drew no tokens at all (x = 0)
-            reason = f"{exc} (the budget is too small for the planned amounts)"
-            shape_error = True
+        if law is not None:
+            curve.update(a=law.a, b=law.b, c=law.c, rmse=law.rmse, residuals=list(law.residuals))
         else:
-            shape_error = False
-        if reason is not None and not shape_error:
-            reason = f"{reason}: relative objective {', '.join(f'{v:.5f}' for v in y)} at x = " \
-                     f"{', '.join(f'{v:.3g}' for v in x)}"
-        elif noise is not None and effect < significance * noise["effect_se"]:
-            reason = (f"effect {effect:.4g} is below {significance:g} standard errors "
-                      f"({significance:g} x {noise['effect_se']:.3g}): not distinguishable from seed noise")
-        if reason is None:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", MixingWarning)
-                try:
-                    law = fit_power_law(x, y)
-                except FitError as exc:
-                    reason = str(exc)
-            missed = reason is None and len(x) == 3 and max(abs(r) for r in law.residuals) > _EXACT
-            if missed:     # 3 points the model cannot pass through: a curve that misses them decides nothing
-                reason = "no exact power law: " + "; ".join(str(w.message) for w in caught)
-            elif reason is None:
-                notes += [f"domain {d!r}: {w.message}" for w in caught]
-        if reason is not None:
-            held[d] = reason
-            curve.update(status="held", reason=reason)
-            fits.append(PowerLaw(0.0, 1.0, 0.0))     # placeholder; the domain is pinned at x = 1
-        else:
-            curve.update(status="fitted", reason=None, a=law.a, b=law.b, c=law.c, rmse=law.rmse,
-                         residuals=list(law.residuals))
-            fits.append(law)
+            notes.append(f"domain {d!r} held at its base amount: {reason}")
         curves[d] = curve
-    notes += [f"domain {d!r} held at its base amount: {why}" for d, why in held.items()]
+        fits.append(law if law is not None else PowerLaw(0.0, 1.0, 0.0))   # a held domain is pinned at x = 1
+    held = [d for d in domains if curves[d]["status"] == "held"]
+    if len(held) == len(domains):
+        notes.append("every domain is held: the DDO mixture is the base mixture")
 
-    # --- bounds and DDO --------------------------------------------------------------------------
+    # bounds (default: the measured range), DDO, bound-hitting optima
     measured = (float(min(plan["factors"])), float(max(plan["factors"])))
     lower = measured[0] if min_x is None else float(min_x)
     upper_user = measured[1] if max_x is None else float(max_x)
     if lower < measured[0] or upper_user > measured[1]:
         notes.append(f"DDO bounds [{lower:g}, {upper_user:g}] extend beyond the measured range [{measured[0]:g}, "
                      f"{measured[1]:g}]: an optimum out there rests on the fitted curves' extrapolation")
-    available = np.array([plan["available_tokens"][d] for d in domains], dtype=float)
-    avail_upper = max_epochs * available / n_bar
+    avail_upper = max_epochs * np.array([plan["available_tokens"][d] for d in domains], dtype=float) / n_bar
     upper = np.minimum(upper_user, avail_upper)
-    pinned = np.array([d in held for d in domains])
-    lo = np.where(pinned, 1.0, lower)
-    hi = np.where(pinned, 1.0, upper)
-    if pinned.all():
-        notes.append("every domain is held: the DDO mixture is the base mixture")
-        x_opt = np.ones(len(domains))
-    else:
-        x_opt = solve_ddo(fits, float(n_bar.sum()), lower=lo, upper=hi, costs=n_bar)
-    bounds: dict[str, str] = {}
-    for i, d in enumerate(domains):
-        kind = None
-        if not pinned[i] and x_opt[i] <= lo[i] * (1 + _AT_BOUND):
-            kind = "lower"
-        elif not pinned[i] and x_opt[i] >= hi[i] * (1 - _AT_BOUND):
-            kind = "availability" if avail_upper[i] < upper_user else "upper"
-        curves[d]["optimal_x"] = float(x_opt[i])
-        curves[d]["bound"] = kind
+    x_opt, kinds = _solve_bounded(fits, np.array([d in held for d in domains]), n_bar, lower, upper,
+                                  avail_upper < upper_user)
+    bounds = {}
+    for d, x_d, kind in zip(domains, x_opt, kinds):
+        curves[d].update(optimal_x=float(x_d), bound=kind)
         if kind is not None:
             bounds[d] = kind
-            notes.append(f"domain {d!r}: optimum on its {kind} bound (x = {x_opt[i]:.4g}); the curve wants more "
-                         "than the measured range shows, so this amount is a bound, not an optimum")
+            notes.append(f"domain {d!r}: optimum on its {kind} bound (x = {x_d:.4g}); the fitted curves ask for "
+                         "an amount beyond it, so this amount is a bound, not an optimum")
     budget = float(plan["budget_tokens"])
     counts = x_opt * n_bar
     counts = counts * (budget / counts.sum())
     weights = counts / counts.sum()
-    predicted = 1.0 + sum(float(f(x) - f(1.0)) for f, x, p in zip(fits, x_opt, pinned) if not p)
+    predicted = 1.0 + sum(float(f(x_d) - f(1.0)) for f, x_d, d in zip(fits, x_opt, domains) if d not in held)
 
     fit = {
         "version": FIT_VERSION,
@@ -252,7 +260,7 @@ def fit_plan(plan_dir: str | Path, *, objective: str = DEFAULT_OBJECTIVE, min_x:
         "bounds": {"lower": lower, "upper": upper_user, "measured_range": list(measured), "max_epochs": max_epochs,
                    "upper_x": {d: float(u) for d, u in zip(domains, upper)}},
         "curves": curves,
-        "held_domains": sorted(held),
+        "held_domains": held,
         "bound_domains": bounds,
         "frozen_domains": sorted(set(held) | set(bounds)),
         "warnings": notes,
