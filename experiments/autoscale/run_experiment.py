@@ -240,14 +240,18 @@ def final_stage(work: Path, base: Path, b2_fit: dict, ext: dict, args: argparse.
         configs[m] = write_config(cfg.to_dict(), work / "final" / f"{m}.yaml")
     steps = load_config(target_cfg).train.max_steps
     every = max(steps // args.final_evals, 1)
-    jobs, dirs = [], {}
+    jobs, dirs, seen = [], {}, {}
     for seed in range(args.final_seeds):
         for m in METHODS:
             cfg = with_changes(configs[m], work / "final" / f"{m}-seed{seed}.yaml", train__seed=seed,
                                train__eval_interval=every)
+            key = json.dumps(load_config(cfg).to_dict(), sort_keys=True)
+            if key in seen:            # two methods with the very same mixture: one (deterministic) run
+                dirs[(m, seed)] = seen[key]
+                continue
             out = work / "final" / f"{m}-seed{seed}"
             jobs.append((cfg, out))
-            dirs[(m, seed)] = out
+            dirs[(m, seed)] = seen[key] = out
     timings["final"] = run_jobs(jobs, args.workers, args.threads, log)
     records: dict[str, Any] = {m: {"mixture": load_config(configs[m]).data.mixture, "seeds": {}} for m in METHODS}
     for (m, seed), out in dirs.items():
