@@ -171,6 +171,9 @@ def test_validate_compares_prediction_with_a_trained_mixture(prepared_dir, tmp_p
     good, bad = tmp_path / "check-good", tmp_path / "check-bad"
     write_run(good, plan_dir / "mixture_config.yaml", losses_for(truth, DOMAINS), tokens, step=cfg.train.max_steps)
     write_run(bad, plan_dir / "mixture_config.yaml", losses_for(truth * 1.05, DOMAINS), tokens)
+    bad_cfg = load_config(bad / "config.yaml")
+    bad_cfg.train.seed = 5                                     # not a seed of the plan: compared unpaired
+    dump_config(bad_cfg, bad / "config.yaml")
     capsys.readouterr()
     assert main(["mix", "validate", str(plan_dir), str(good), "--quiet"]) == 0
     res = json.loads((plan_dir / "validation.json").read_text())
@@ -184,8 +187,31 @@ def test_validate_compares_prediction_with_a_trained_mixture(prepared_dir, tmp_p
     assert "predicted" in printed and "check-bad" in printed and "one seed" in printed
     res = json.loads((tmp_path / "v" / "validation.json").read_text())
     assert res["runs"][1]["difference"] == pytest.approx(0.05 * truth, rel=1e-6)
+    assert [r["paired_with_base_seed"] for r in res["runs"]] == [True, False] and not res["mean"]["paired"]
     assert main(["mix", "validate", str(plan_dir), str(tmp_path / "missing")]) == 2
     assert "not finished" in capsys.readouterr().err
+
+
+def test_validate_pairs_runs_with_the_base_replica_of_their_seed(prepared_dir, tmp_path):
+    base = _base_yaml(prepared_dir, tmp_path, data={"mixture": "uniform"}, train={"eval_interval": 0})
+    plan_dir = tmp_path / "plan"
+    mix.make_plan(base, 12288, plan_dir, factors="0.25,1,4", seeds=2)
+    fake_plan_runs(plan_dir, noise=0.01, seed=1)
+    fit = mix.fit_plan(plan_dir, plots=False)
+    n = fit["base_tokens"]
+    checks = []
+    for seed in (0, 1):                        # each check run scores 0.97 x the base replica of its seed
+        out = tmp_path / f"check-{seed}"
+        base_score = fit["runs"][f"base-seed{seed}"]["objective"]
+        write_run(out, plan_dir / "mixture_config.yaml", losses_for(0.97 * base_score / math.exp(4.0), DOMAINS),
+                  {d: int(round(fit["optimal_x"][d] * n[d])) for d in DOMAINS})
+        cfg = load_config(out / "config.yaml")
+        cfg.train.seed = seed
+        dump_config(cfg, out / "config.yaml")
+        checks.append(out)
+    res = mix.validate_fit(plan_dir, checks, plots=False)
+    assert [r["actual"] for r in res["runs"]] == pytest.approx([0.97, 0.97])
+    assert res["mean"]["paired"] and res["mean"]["standard_error"] == pytest.approx(fit["noise"]["sd"])
 
 
 # --- extrapolate ----------------------------------------------------------------------------------

@@ -10,11 +10,15 @@ of the same domains, the prediction is made at the run's *actual* per-domain amo
 ``tokens_per_domain`` over the base replicas' mean), and compared with its actual score, on the
 fit's objective, divided by the fit's base score.
 
-How far apart may they be? The actual mean of ``n`` validation runs and the base mean of ``K``
-replicas each carry seed noise; with the fit's per-run noise ``sd`` the standard error of their
-ratio's deviation is about ``sd * sqrt(1/n + 1/K)``. (The fit's own parameters are noisy too, so
-this understates the spread of a correct model: a miss within 2 standard errors is consistent with
-the model, a larger one is evidence against it.) The same table is computed for the plan's own
+Pairing. A run trained with one of the plan's seeds is compared with the base replica of that
+seed (same initialisation, same sampler seed): ``actual = score(run) / score(base, same seed)``.
+The seed effect then cancels, and the fit's noise estimate (the per-run residual with seeds as
+blocks, ``sd``) applies: the standard error of the mean miss of ``n`` paired runs is
+``sd * sqrt(2 / n)``. A run with another seed is compared with the mean of the base replicas; that
+comparison also carries the seed effect, which ``sd`` leaves out, so its standard error
+``sd * sqrt(1/n + 1/K)`` is a lower bound (noted in the output). The fit's own parameters are
+noisy too, so even paired, a miss within 2 standard errors is consistent with the model and a
+larger one is evidence against it, not proof. The same prediction is computed for the plan's own
 settings, whose amounts the model saw (off-axis deviations included), as a reference.
 
 Outputs: ``validation.json`` and ``validation.png`` (predicted against actual) in the plan directory
@@ -56,11 +60,15 @@ def validate_fit(plan_dir: str | Path, run_dirs: Sequence[str | Path], *, out_di
     kind = fit["objective"]["kind"]
     lo, hi = fit["bounds"]["measured_range"]
     n_bar = fit["base_tokens"]
+    base_by_seed = {r["seed"]: r["objective"] for r in fit["runs"].values() if r["group"] == "base"}
     rows, notes = [], []
     for run_dir in run_dirs:
         m = measure_run(run_dir, domains)
         x = {d: m.tokens[d] / n_bar[d] for d in domains}
-        actual = run_objective([m.losses[d] for d in domains], kind) / fit["base_objective"]
+        seed = _run_seed(Path(run_dir))
+        paired = seed in base_by_seed
+        base = base_by_seed[seed] if paired else fit["base_objective"]
+        actual = run_objective([m.losses[d] for d in domains], kind) / base
         predicted = predict_relative(fit, x)
         outside = [d for d in domains if not lo * 0.95 <= x[d] <= hi * 1.05]
         if outside:
@@ -71,13 +79,21 @@ def validate_fit(plan_dir: str | Path, run_dirs: Sequence[str | Path], *, out_di
             gap = max(abs(mixture.get(d, 0.0) - fit["weights"][d]) for d in domains)
             if gap > 1e-6:
                 notes.append(f"{run_dir}: its mixture is not the fit's DDO mixture (largest weight difference {gap:.3g})")
-        rows.append({"run": str(run_dir), "x": x, "tokens": m.tokens, "losses": m.losses,
-                     "predicted": predicted, "actual": actual, "difference": actual - predicted})
+        rows.append({"run": str(run_dir), "seed": seed, "paired_with_base_seed": paired, "x": x, "tokens": m.tokens,
+                     "losses": m.losses, "predicted": predicted, "actual": actual, "difference": actual - predicted})
     noise = fit.get("noise")
     n, k = len(rows), len(fit["seeds"])
+    all_paired = all(r["paired_with_base_seed"] for r in rows)
     mean_pred = float(np.mean([r["predicted"] for r in rows]))
     mean_act = float(np.mean([r["actual"] for r in rows]))
-    se = None if noise is None else noise["sd"] * math.sqrt(1.0 / n + 1.0 / k)
+    if noise is None:
+        se = None
+    elif all_paired:
+        se = noise["sd"] * math.sqrt(2.0 / n)
+    else:
+        se = noise["sd"] * math.sqrt(1.0 / n + 1.0 / k)
+        notes.append("some runs use a seed the plan's base run does not have: compared with the mean base run, "
+                     "whose seed effect the standard error leaves out (it is a lower bound)")
     diff = mean_act - mean_pred
     if se is None:
         verdict = "no seed noise estimate (the fit used one seed): cannot say whether the miss is noise"
@@ -95,6 +111,7 @@ def validate_fit(plan_dir: str | Path, run_dirs: Sequence[str | Path], *, out_di
         "objective": fit["objective"],
         "runs": rows,
         "mean": {"predicted": mean_pred, "actual": mean_act, "difference": diff, "standard_error": se,
+                 "paired": all_paired,
                  "predicted_gain": 1.0 - mean_pred, "actual_gain": 1.0 - mean_act},
         "verdict": verdict,
         "plan_settings": settings,
@@ -110,10 +127,19 @@ def validate_fit(plan_dir: str | Path, run_dirs: Sequence[str | Path], *, out_di
     return result
 
 
+def _run_config(run_dir: Path):
+    try:
+        return load_config(run_dir / "config.yaml")
+    except ValueError:         # missing or unreadable: the comparison still works, unpaired
+        return None
+
+
+def _run_seed(run_dir: Path) -> Optional[int]:
+    cfg = _run_config(run_dir)
+    return None if cfg is None else cfg.train.seed
+
+
 def _run_mixture(run_dir: Path) -> Optional[dict[str, float]]:
     """The ``data.mixture`` a run trained on, when it was an explicit mapping."""
-    try:
-        mixture = load_config(run_dir / "config.yaml").data.mixture
-    except ValueError:
-        return None
-    return mixture if isinstance(mixture, dict) else None
+    cfg = _run_config(run_dir)
+    return cfg.data.mixture if cfg is not None and isinstance(cfg.data.mixture, dict) else None
