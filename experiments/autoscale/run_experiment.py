@@ -331,6 +331,13 @@ def write_report(out: Path, res: dict[str, Any]) -> None:
             lines.append(f"| {d} | {', '.join(f'{v:.3f}' for v in c['x'])} | "
                          f"{', '.join(f'{v:.4f}' for v in c['relative_objective'])} | {c['effect']:.4f}{z} | {status} | "
                          f"{params} | {f['optimal_x'][d]:.3f} | {f['weights'][d]:.4f} | {lf['weights'][d]:.4f} |")
+        lines += ["", "Mean final validation loss per domain (nats/token, mean of the seeds) by setting:", "",
+                  "| setting | " + " | ".join(f["domains"]) + " | total tokens |", "|---|" + "---|" * (len(f["domains"]) + 1)]
+        for g in f["settings"]:
+            runs = [r for r in f["runs"].values() if r["group"] == g]
+            per = [float(np.mean([r["losses"][d] for r in runs])) for d in f["domains"]]
+            total = float(np.mean([sum(r["tokens"].values()) for r in runs]))
+            lines.append(f"| {g} | " + " | ".join(f"{v:.3f}" for v in per) + f" | {total:,.0f} |")
         lines += ["", f"Predicted relative objective at the optimum: {f['predicted_relative_objective']['optimal']:.5f}.",
                   "", "Warnings: " + ("; ".join(f["warnings"]) or "none"), ""]
     if "validation_b2" in res:
@@ -362,6 +369,9 @@ def write_report(out: Path, res: dict[str, Any]) -> None:
             c = comp[m]
             mixture = ", ".join(f"{d} {w:.3f}" for d, w in fin["records"][m]["mixture"].items())
             reach = ", ".join("not reached" if t is None else f"{t:,.0f}" for t in c["tokens_to_uniform_final"])
+            if "token_ratio_to_uniform" in c:
+                iv = c["token_ratio_to_uniform"]
+                reach += f" (ratio {iv['mean']:.3f} [{iv['low']:.3f}, {iv['high']:.3f}])"
             lines.append(f"| {m} | {mixture} | {c['avg_loss']['mean']:.4f} | "
                          f"{fmt_iv(c['avg_loss_minus_uniform']) if m != 'uniform' else '-'} | "
                          f"{fmt_iv(c['mean_ppl_minus_uniform'], 3) if m != 'uniform' else '-'} | {reach} |")
