@@ -258,19 +258,20 @@ def final_stage(work: Path, base: Path, b2_fit: dict, ext: dict, args: argparse.
         rec = summary_of(out, domains)
         rec["curve"] = [{k: v for k, v in row.items() if k == "step" or k == "tokens" or k.startswith("loss/")
                          or k == "avg_trained"} for row in read_curve(out)]
+        for row in rec["curve"]:
+            row["mean_ppl"] = run_objective([row[f"loss/{d}"] for d in domains], "ppl")
         records[m]["seeds"][seed] = rec
     seeds = list(range(args.final_seeds))
     comparison = {}
     for m in METHODS:
         loss = [records[m]["seeds"][s]["avg_loss"] for s in seeds]
         ppl = [records[m]["seeds"][s]["mean_ppl"] for s in seeds]
-        reach = []
-        for s in seeds:
-            level = records["uniform"]["seeds"][s]["avg_loss"]
-            t = tokens_to_reach(records[m]["seeds"][s]["curve"], level)
-            reach.append(t)
+        reach = [tokens_to_reach(records[m]["seeds"][s]["curve"], records["uniform"]["seeds"][s]["avg_loss"])
+                 for s in seeds]
+        reach_ppl = [tokens_to_reach(records[m]["seeds"][s]["curve"], records["uniform"]["seeds"][s]["mean_ppl"],
+                                     key="mean_ppl") for s in seeds]
         entry: dict[str, Any] = {"avg_loss": interval(loss), "mean_ppl": interval(ppl),
-                                 "tokens_to_uniform_final": reach}
+                                 "tokens_to_uniform_final": reach, "tokens_to_uniform_final_ppl": reach_ppl}
         if m != "uniform":
             entry["avg_loss_minus_uniform"] = interval(
                 [a - records["uniform"]["seeds"][s]["avg_loss"] for a, s in zip(loss, seeds)])
@@ -279,8 +280,11 @@ def final_stage(work: Path, base: Path, b2_fit: dict, ext: dict, args: argparse.
             entry["per_domain_minus_uniform"] = {
                 d: interval([records[m]["seeds"][s]["losses"][d] - records["uniform"]["seeds"][s]["losses"][d]
                              for s in seeds]) for d in domains}
+            trained = [records["uniform"]["seeds"][s]["curve"][-1]["tokens"] for s in seeds]   # uniform's own
             if all(t is not None for t in reach):
-                entry["token_ratio_to_uniform"] = interval([t / ext["target_tokens"] for t in reach])
+                entry["token_ratio_to_uniform"] = interval([t / u for t, u in zip(reach, trained)])
+            if all(t is not None for t in reach_ppl):
+                entry["token_ratio_to_uniform_ppl"] = interval([t / u for t, u in zip(reach_ppl, trained)])
         comparison[m] = entry
     return {"target_tokens": ext["target_tokens"], "steps": steps, "eval_interval": every, "records": records,
             "comparison": comparison}
@@ -290,6 +294,13 @@ def final_stage(work: Path, base: Path, b2_fit: dict, ext: dict, args: argparse.
 
 def fmt_iv(iv: dict[str, Any], digits: int = 4) -> str:
     return f"{iv['mean']:+.{digits}f} [{iv['low']:+.{digits}f}, {iv['high']:+.{digits}f}]"
+
+
+def fmt_reach(tokens: list[Optional[float]], ratio: Optional[dict[str, Any]]) -> str:
+    text = ", ".join("not reached" if t is None else f"{t:,.0f}" for t in tokens)
+    if ratio is not None:
+        text += f" (x{ratio['mean']:.3f} [{ratio['low']:.3f}, {ratio['high']:.3f}])"
+    return text
 
 
 def write_report(out: Path, res: dict[str, Any]) -> None:
@@ -363,18 +374,16 @@ def write_report(out: Path, res: dict[str, Any]) -> None:
         lines += [f"## Final runs at {fin['target_tokens']:,} tokens ({fin['steps']} steps, {len(comp['uniform']['avg_loss']['values'])} paired seeds)", "",
                   "Mean validation loss over the trained domains (nats/token) and mean perplexity; differences are "
                   "method minus uniform, paired by seed, mean [95 % t-interval].", "",
-                  "| method | mixture | avg loss | avg loss - uniform | mean ppl - uniform | tokens to reach uniform's final loss (per seed) |",
-                  "|---|---|---|---|---|---|"]
+                  "| method | mixture | avg loss | avg loss - uniform | mean ppl | mean ppl - uniform | tokens to reach uniform's final avg loss (per seed) | ... its final mean ppl |",
+                  "|---|---|---|---|---|---|---|---|"]
         for m in METHODS:
             c = comp[m]
             mixture = ", ".join(f"{d} {w:.3f}" for d, w in fin["records"][m]["mixture"].items())
-            reach = ", ".join("not reached" if t is None else f"{t:,.0f}" for t in c["tokens_to_uniform_final"])
-            if "token_ratio_to_uniform" in c:
-                iv = c["token_ratio_to_uniform"]
-                reach += f" (ratio {iv['mean']:.3f} [{iv['low']:.3f}, {iv['high']:.3f}])"
+            reach = [fmt_reach(c["tokens_to_uniform_final"], c.get("token_ratio_to_uniform")),
+                     fmt_reach(c["tokens_to_uniform_final_ppl"], c.get("token_ratio_to_uniform_ppl"))]
             lines.append(f"| {m} | {mixture} | {c['avg_loss']['mean']:.4f} | "
-                         f"{fmt_iv(c['avg_loss_minus_uniform']) if m != 'uniform' else '-'} | "
-                         f"{fmt_iv(c['mean_ppl_minus_uniform'], 3) if m != 'uniform' else '-'} | {reach} |")
+                         f"{fmt_iv(c['avg_loss_minus_uniform']) if m != 'uniform' else '-'} | {c['mean_ppl']['mean']:.3f} | "
+                         f"{fmt_iv(c['mean_ppl_minus_uniform'], 3) if m != 'uniform' else '-'} | {reach[0]} | {reach[1]} |")
         lines += ["", "Per domain (method minus uniform, mean [95 % t-interval]):", "",
                   "| method | " + " | ".join(res["domains"]) + " |", "|---|" + "---|" * len(res["domains"])]
         for m in METHODS[1:]:
