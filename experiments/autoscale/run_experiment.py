@@ -480,9 +480,14 @@ def main() -> int:
                            "domains": domains, "args": vars(args), "timings": {},
                            "load_average_at_start": os.getloadavg()}
     timings = res["timings"]
+    # A resumed invocation skips finished stages (0 s); keep the wall time they took when they ran.
+    previous = json.loads((out / "results.json").read_text()).get("timings", {}) if (out / "results.json").is_file() else {}
 
     def save() -> None:
         res["wall_seconds_this_invocation"] = time.time() - start
+        for stage, seconds in previous.items():
+            if not timings.get(stage):
+                timings[stage] = seconds
         res["training_seconds"] = sum(json.loads(p.read_text())["seconds"] for p in work.rglob("summary.json")
                                       if "threads" not in p.parts)
         (out / "results.json").write_text(json.dumps(res, indent=1, default=float) + "\n")
