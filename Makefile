@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM := false
 # The demo reuses a prepared corpus when one sits beside the checkout, else builds its own.
 CORPUS ?= $(firstword $(wildcard ../shared/corpus) data/corpus)
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install test test-fast demo bench bench-data clean
 
 install: $(VENV)/.installed
 
@@ -32,6 +32,9 @@ demo: install
 
 bench: install
 	TRITON_INTERPRET=1 $(BIN)/python -m kernels.bench --out kernels/results/cpu
+
+bench-data: install
+	$(BIN)/python -m megareweight.data.bench --out experiments/data/bench_cpu.json --prepare-corpus $(CORPUS)
 
 clean:
 	rm -rf runs .cache .pytest_cache

@@ -14,12 +14,16 @@ install_requires = [
     "torch==2.13.0",
     "numpy>=1.26,<3",
     "sentencepiece>=0.2,<0.3",
+    "tokenizers>=0.15,<1",  # Hugging Face tokenizer.json (prepare --tokenizer)
+    "zstandard>=0.22,<1",  # *.jsonl.zst corpora
+    "pyarrow>=15,<27",  # *.parquet corpora
     "pyyaml>=6,<7",
     "tqdm>=4.66,<5",
     "wandb>=0.19,<0.40",
     "matplotlib>=3.8,<4",
     "scipy>=1.11,<2",
-    "deepspeed>=0.16,<0.20",
+    # 0.19.8: every ZeRO optimizer skips a step whose gradient norm is not finite (earlier ZeRO-3 only in fp16)
+    "deepspeed>=0.19.8,<0.20",
 ]
 if LINUX:
     install_requires.append("triton>=3.3,<3.10")

@@ -5,17 +5,22 @@
   ``get_fp32_state_dict_from_zero_checkpoint`` (no GPU, no launcher needed).
 
 ``trainer_state.json`` beside it records the model's shapes (``model_args``), so a checkpoint can be
-used without the prepared data it was trained on.
+used without the prepared data it was trained on, and the tokenizer's SHA-256; the checkpoint also
+carries a copy of the tokenizer. :func:`run_tokenizer` uses that copy, and refuses a tokenizer
+whose SHA-256 differs from the recorded one: re-preparing the data directory (a new tokenizer with
+the same vocabulary size) must never make eval or export silently use the wrong one.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import torch
 
+from megareweight.data.shards import sha256_file, tokenizer_spec
 from megareweight.model import ModelArgs, Transformer, build_model
-from megareweight.train.checkpoint import STATE, find_latest
+from megareweight.train.checkpoint import STATE, CheckpointError, find_latest, problem
 
 ENGINE_FILE = "engine.pt"
 DEEPSPEED_TAG = "engine"
@@ -25,6 +30,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """Accept a checkpoint directory, a ``checkpoints/`` directory or a run directory."""
     path = Path(path)
     if (path / STATE).is_file():
+        reason = problem(path)
+        if reason is not None:
+            raise CheckpointError(f"checkpoint {path} is unusable: {reason}")
         return path
     for root in (path, path / "checkpoints"):
         latest = find_latest(root)
@@ -61,3 +69,29 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Tr
     if missing or unexpected:
         raise ValueError(f"{ckpt}: checkpoint does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
     return model.to(device).eval(), state
+
+
+def run_tokenizer(checkpoint: str | Path, state: dict,
+                  explicit: Optional[str | Path] = None) -> tuple[Path, Optional[str]]:
+    """(tokenizer file, end-of-document token) to use with a checkpoint: ``explicit``, else the
+    checkpoint's own copy, else the one of the run's prepared directory.
+
+    Checked against the SHA-256 the checkpoint recorded (when it recorded one); a mismatch is a
+    :class:`CheckpointError` naming the file.
+    """
+    ckpt = resolve_checkpoint(checkpoint)
+    own = ckpt / state.get("tokenizer_file", "tokenizer.model")
+    if explicit:
+        path, eos_token = Path(explicit), None
+    elif own.is_file():
+        path, eos_token = own, state.get("tokenizer_eos_token")
+    else:
+        path, eos_token = tokenizer_spec(prepared_dir(state))
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer {path} not found" + ("" if explicit else "; pass --tokenizer"))
+    expected = state.get("tokenizer_sha256")
+    if expected and sha256_file(path) != expected:
+        how = "--tokenizer" if explicit else "the run's prepared directory now holds"
+        raise CheckpointError(f"{how} {path} is not the tokenizer {ckpt} was trained with (SHA-256 differs: "
+                              "re-prepared or another tokenizer); pass the original with --tokenizer")
+    return path, eos_token

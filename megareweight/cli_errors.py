@@ -8,22 +8,45 @@ subcommands without any subcommand module importing :mod:`megareweight.cli` back
 
 Exit codes (documented in the README):
   0  success
-  1  the job failed while running (e.g. repeated non-finite losses; a checkpoint was written)
-  2  bad input: configuration, command-line arguments, missing or corrupt files
-130  interrupted (Ctrl-C)
+  1  the job failed while running (repeated non-finite steps, a checkpoint write that failed, ...)
+  2  bad input: configuration, command-line arguments, missing, corrupt or unwritable files, a busy
+     or foreign run directory, a resume the checkpoint cannot continue
+128+N  training stopped by signal N after writing a checkpoint (130 SIGINT, 143 SIGTERM, 138 SIGUSR1);
+     the message gives the command that resumes it. A second Ctrl-C aborts at once (130, no checkpoint).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from typing import Callable
+from typing import Callable, Optional, Sequence
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 class UsageError(ValueError):
     """Bad command-line input (exit code 2)."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but its errors are one line like every other error (usage stays in ``--help``)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_BAD_INPUT, f"megareweight: error: {self.prog}: {message} (see --help)\n")
+
+
+def parse_and_run(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]],
+                  func: Optional[Callable[[argparse.Namespace], int]] = None) -> int:
+    """Parse ``argv`` and run ``func`` (default: the subcommand's ``args.func``) via :func:`run_command`.
+
+    ``--help`` returns 0 and a bad argument 2 (its one line already printed) instead of raising
+    ``SystemExit``, so that tests and callers get an exit code like from every other error.
+    """
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return run_command(func or args.func, args)
 
 
 def bad_input_types() -> tuple[type, ...]:
@@ -36,7 +59,9 @@ def bad_input_types() -> tuple[type, ...]:
     from megareweight.data.corpus import CorpusError
     from megareweight.data.shards import ShardError
 
-    return (UsageError, ConfigError, CorpusError, ShardError, FileNotFoundError, ValueError)
+    # PermissionError & co.: a path the user gave cannot be used (an unwritable --out, --json-out).
+    return (UsageError, ConfigError, CorpusError, ShardError, FileNotFoundError, ValueError, PermissionError,
+            IsADirectoryError, NotADirectoryError, FileExistsError)
 
 
 def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:

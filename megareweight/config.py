@@ -16,7 +16,11 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from megareweight.model.llama import ModelArgs, model_args
 from megareweight.reweighting.strategies import STRATEGIES
+
+#: Placeholder vocabulary for load-time shape checks; the prepared data's tokenizer sets the real one.
+_VALIDATION_VOCAB = 2
 
 
 class ConfigError(ValueError):
@@ -45,13 +49,41 @@ LossMode = Literal["auto", "fast", "lean"]
 WandbMode = Literal["offline", "online", "disabled"]
 WarmupMode = Literal["uniform", "temperature"]
 Precision = Literal["fp32", "bf16", "fp16"]
+Packing = Literal["concat", "documents"]
+ReweightUnit = Literal["sequence", "document"]
+
+
+#: model.activation_checkpointing values besides true/false (megareweight.model.llama.CHECKPOINT_MODES)
+CHECKPOINT_MODES = ("none", "full", "every_k", "attention", "ffn")
+COMPILE_MODES = ("blocks", "ops")
 
 
 @dataclass
 class ModelConfig:
+    """A named size, optionally with some shapes overridden.
+
+    Why overrides rather than more named sizes: experiments must pick a model that fits their
+    compute budget (e.g. a 3 M-parameter model for a CPU study); a size per experiment would grow
+    the list without end. ``None`` keeps the named size's value; the result is checked at load
+    time (:func:`model_args_for`), with errors naming the ``model.*`` key.
+    """
+
     size: ModelSize = "small"
     tie_embeddings: Optional[bool] = None  # None: the named size's default
-    activation_checkpointing: bool = False
+    # What backward recomputes (see megareweight.model.llama); true/false mean full/none.
+    activation_checkpointing: Union[bool, str] = "none"
+    checkpoint_every: Optional[int] = None  # k of every_k (default 2); only with every_k
+    d_model: Optional[int] = None
+    n_layers: Optional[int] = None
+    n_heads: Optional[int] = None
+    n_kv_heads: Optional[int] = None  # None: the named size's (multi-head attention if it has none)
+    ffn_dim: Optional[int] = None  # None: the named size's (LLaMA's 8/3 d rule if it has none)
+    max_seq_len: Optional[int] = None
+
+    def shape_overrides(self) -> dict[str, Any]:
+        """The keys set in this config that replace the named size's values."""
+        keys = ("tie_embeddings", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 
 @dataclass
@@ -63,6 +95,8 @@ class DataConfig:
     seq_len: int = 128
     micro_batch_size: int = 16
     eval_sequences: int = 64  # validation windows per domain
+    prefetch: int = 2  # micro-batches built ahead in a background thread (0: on the main thread)
+    packing: Packing = "concat"  # documents: attention and labels never cross a document boundary
 
 
 @dataclass
@@ -73,6 +107,8 @@ class ReweightConfig:
     warmup_steps: int = 0
     warmup_mode: WarmupMode = "uniform"
     warmup_r: float = 100.0
+    unit: ReweightUnit = "sequence"  # document: each document of a window is its own sample (needs packing: documents)
+    max_documents: int = 64  # unit=document: samples per window; further documents share the last one
 
 
 @dataclass
@@ -106,6 +142,10 @@ class TrainConfig:
     max_nonfinite_steps: int = 5  # consecutive all-non-finite steps before the run stops
     histogram_interval: int = 50  # log the weight distribution to wandb every N steps (0: never)
     keep_checkpoints: int = 3  # newest complete checkpoints kept on disk (0: all)
+    # torch.compile: blocks (every transformer block), ops (RMSNorm/RoPE/SwiGLU only), or true:
+    # blocks, except ops under ZeRO-3 (see megareweight.model.llama.Transformer.fuse_elementwise_ops)
+    compile: Union[bool, str] = False
+    peak_tflops: Optional[float] = None  # per-device dense peak for MFU (None: known GPUs only)
 
 
 @dataclass
@@ -222,9 +262,40 @@ def _require(cond: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+def model_args_for(cfg: ExperimentConfig, vocab_size: int) -> ModelArgs:
+    """The model shapes of ``cfg``: the named ``model.size`` with the ``model.*`` overrides.
+
+    The one place that turns a config into :class:`ModelArgs` (the trainer and the load-time
+    validation both call it). Raises :class:`ConfigError` naming the key: positive values,
+    ``model.d_model`` divisible by ``model.n_heads``, ``model.n_heads`` by ``model.n_kv_heads``,
+    an even head dimension (rotary embeddings), and ``data.seq_len <= model.max_seq_len``.
+    """
+    try:
+        args = model_args(cfg.model.size, vocab_size=vocab_size, **cfg.model.shape_overrides())
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if cfg.data.seq_len > args.max_seq_len:
+        raise ConfigError(f"data.seq_len: {cfg.data.seq_len} exceeds model.max_seq_len {args.max_seq_len} "
+                          f"(size {cfg.model.size}); lower data.seq_len or raise model.max_seq_len")
+    return args
+
+
 def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     """Range and cross-field checks that types alone cannot express."""
-    d, o, t, rw = cfg.data, cfg.optim, cfg.train, cfg.reweight
+    d, o, t, rw, m = cfg.data, cfg.optim, cfg.train, cfg.reweight, cfg.model
+    if isinstance(m.activation_checkpointing, bool):
+        m.activation_checkpointing = "full" if m.activation_checkpointing else "none"
+    _require(m.activation_checkpointing in CHECKPOINT_MODES, "model.activation_checkpointing",
+             f"{m.activation_checkpointing!r} is not allowed; allowed values: {', '.join(CHECKPOINT_MODES)}, true, false")
+    _require(isinstance(t.compile, bool) or t.compile in COMPILE_MODES, "train.compile",
+             f"{t.compile!r} is not allowed; allowed values: true, false, {', '.join(COMPILE_MODES)}")
+    if m.checkpoint_every is not None:
+        _require(m.activation_checkpointing == "every_k", "model.checkpoint_every",
+                 f"only used with model.activation_checkpointing: every_k (it is {m.activation_checkpointing!r})")
+        _require(m.checkpoint_every >= 1, "model.checkpoint_every", f"must be >= 1, got {m.checkpoint_every}")
+    _require(d.prefetch >= 0, "data.prefetch", f"must be >= 0 (0 disables), got {d.prefetch}")
+    _require(t.peak_tflops is None or t.peak_tflops > 0, "train.peak_tflops", f"must be > 0, got {t.peak_tflops}")
+    model_args_for(cfg, vocab_size=_VALIDATION_VOCAB)  # shapes do not depend on the vocabulary
     _require(d.seq_len >= 1, "data.seq_len", f"must be >= 1, got {d.seq_len}")
     _require(d.micro_batch_size >= 1, "data.micro_batch_size", f"must be >= 1, got {d.micro_batch_size}")
     _require(d.eval_sequences >= 1, "data.eval_sequences", f"must be >= 1, got {d.eval_sequences}")
@@ -237,11 +308,16 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
             _require(w >= 0, f"data.mixture.{dom}", f"weight must be >= 0, got {w}")
         total = sum(d.mixture.values())
         _require(abs(total - 1.0) < 1e-6, "data.mixture", f"weights must sum to 1, they sum to {total:.6g}")
+    for key, names in (("data.train_domains", d.train_domains), ("data.eval_domains", d.eval_domains)):
+        _require(names != [], key, "an empty list; omit the key (null) to use every domain")
     _require(rw.strategy in STRATEGIES, "reweight.strategy",
              f"{rw.strategy!r} is not allowed; allowed values: {', '.join(STRATEGIES)}")
     for key, value in (("r", rw.r), ("delta", rw.delta), ("warmup_r", rw.warmup_r)):
         _require(value > 0, f"reweight.{key}", f"must be > 0, got {value}")
     _require(rw.warmup_steps >= 0, "reweight.warmup_steps", f"must be >= 0, got {rw.warmup_steps}")
+    _require(rw.unit == "sequence" or d.packing == "documents", "reweight.unit",
+             "'document' needs data.packing: documents (windows must know where documents start)")
+    _require(rw.max_documents >= 1, "reweight.max_documents", f"must be >= 1, got {rw.max_documents}")
     _require(cfg.loss.chunk_size >= 0, "loss.chunk_size", f"must be >= 0 (0: automatic), got {cfg.loss.chunk_size}")
     _require(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
     _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
@@ -259,6 +335,11 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _require(t.seed >= 0, "train.seed", f"must be >= 0, got {t.seed}")
     _require(t.histogram_interval >= 0, "train.histogram_interval", f"must be >= 0, got {t.histogram_interval}")
     _require(t.keep_checkpoints >= 0, "train.keep_checkpoints", f"must be >= 0, got {t.keep_checkpoints}")
+    # A strategy whose warm-up covers the whole run is never applied: the run would be uniform while
+    # its config (and every report built from it) says otherwise. Certainly a mistake, so an error.
+    _require(rw.strategy == "uniform" or rw.warmup_steps < t.max_steps, "reweight.warmup_steps",
+             f"{rw.warmup_steps} >= train.max_steps {t.max_steps}, so reweight.strategy {rw.strategy!r} would never "
+             "switch on; lower reweight.warmup_steps or set reweight.strategy: uniform")
     return cfg
 
 

@@ -1,9 +1,12 @@
 """``megareweight eval``: per-domain loss and perplexity of a checkpoint on any JSONL text.
 
-``--data`` is one ``<domain>.jsonl[.xz|.gz]`` file or a directory of them (the corpus format), so
+``--data`` is one corpus file (``<domain>.jsonl[.gz|.xz|.zst]`` or ``<domain>.parquet``) or a corpus
+directory (see :mod:`megareweight.data.corpus`), so
 held-out text a user brings is scored the same way as the built-in domains: documents are
 tokenized with the run's tokenizer, joined with EOS, cut into non-overlapping windows of the
-training sequence length, and every token is scored once.
+training sequence length, and every token is scored once. A run trained with
+``data.packing: documents`` is scored the same way it was trained: attention stays inside each
+document and the label that would cross into the next document is not scored.
 """
 from __future__ import annotations
 
@@ -16,26 +19,20 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from megareweight.checkpoint_io import load_model, prepared_dir
-from megareweight.data.corpus import SUFFIXES, iter_documents, list_domains
-from megareweight.data.tokenizer import Tokenizer
+from megareweight.checkpoint_io import load_model, run_tokenizer
+from megareweight.data.corpus import SUFFIXES, corpus_suffix, iter_documents, list_domains
+from megareweight.data.mixture import IGNORE_INDEX, validation_batches
+from megareweight.data.shards import TokenShard
+from megareweight.data.tokenizer import load_tokenizer
 
 
-def _data_files(data: Path) -> dict[str, Path]:
+def _data_files(data: Path) -> dict[str, list[Path]]:
     if data.is_dir():
         return list_domains(data)
-    for suffix in SUFFIXES:
-        if data.name.endswith(suffix) and data.is_file():
-            return {data.name[: -len(suffix)]: data}
-    raise FileNotFoundError(f"--data {data}: not a <domain>.jsonl[.xz|.gz] file or a directory of them")
-
-
-def _windows(tokens: np.ndarray, seq_len: int) -> np.ndarray:
-    n = (tokens.size - 1) // seq_len
-    if n == 0:
-        return np.zeros((0, seq_len + 1), dtype=np.int64)
-    starts = np.arange(n) * seq_len
-    return np.stack([tokens[s : s + seq_len + 1] for s in starts]).astype(np.int64)
+    suffix = corpus_suffix(data)
+    if suffix and data.is_file():
+        return {data.name[: -len(suffix)]: [data]}
+    raise FileNotFoundError(f"--data {data}: not a corpus file ({', '.join(SUFFIXES)}) or a directory of them")
 
 
 @torch.no_grad()
@@ -50,31 +47,35 @@ def evaluate_checkpoint(
 ) -> dict[str, dict[str, float]]:
     """{domain: {"loss", "perplexity", "tokens"}} plus an ``"average"`` row over domains."""
     model, state = load_model(checkpoint)
-    if tokenizer is None:
-        tokenizer = prepared_dir(state) / "tokenizer.model"
-        if not tokenizer.is_file():
-            raise FileNotFoundError(f"tokenizer of the run not found at {tokenizer}; pass --tokenizer")
-    tok = Tokenizer(tokenizer)
+    tokenizer, eos_token = run_tokenizer(checkpoint, state, tokenizer)
+    tok = load_tokenizer(tokenizer, eos_token=eos_token)
     if tok.vocab_size != model.args.vocab_size:
         raise ValueError(f"tokenizer {tokenizer} has {tok.vocab_size} pieces, the model {model.args.vocab_size}")
     seq_len = seq_len or int(state["config"]["data"]["seq_len"])
+    packing = state["config"]["data"].get("packing", "concat")
     results: dict[str, dict[str, float]] = {}
     for domain, path in _data_files(Path(data)).items():
         ids: list[int] = []
+        ends = [0]
         for text in iter_documents(path):
             ids.extend(tok.encode([text])[0] + [tok.eos_id])
+            ends.append(len(ids))
             if len(ids) > max_tokens:
                 break
-        windows = _windows(np.asarray(ids[: max_tokens + 1]), seq_len)
-        if len(windows) == 0:
-            raise ValueError(f"{path}: fewer than {seq_len + 1} tokens; nothing to score")
+        tokens = np.asarray(ids[: max_tokens + 1], dtype=np.int64)
+        stream = TokenShard(Path(domain), tokens, np.minimum(np.asarray(ends), tokens.size))  # in memory
+        n = (tokens.size - 1) // seq_len
+        if n <= 0:
+            raise ValueError(f"{path[0] if len(path) == 1 else domain}: {len(ids)} tokens, fewer than one "
+                             f"window of {seq_len + 1}; nothing to score")
         total, count = 0.0, 0
-        for i in tqdm(range(0, len(windows), batch_size), desc=f"eval {domain}", disable=not progress, leave=False):
-            batch = torch.from_numpy(windows[i : i + batch_size])
-            logits = model.logits(batch[:, :-1]).float()
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+        batches = validation_batches(stream, seq_len, batch_size, n, packing=packing)  # every window, in order
+        for batch in tqdm(batches, total=math.ceil(n / batch_size), desc=f"eval {domain}", disable=not progress, leave=False):
+            logits = model.logits(batch["input_ids"], batch.get("segment_ids")).float()
+            labels = batch["labels"].reshape(-1)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels, reduction="sum", ignore_index=IGNORE_INDEX)
             total += float(loss)
-            count += batch[:, 1:].numel()
+            count += int((labels != IGNORE_INDEX).sum())
         mean = total / count
         results[domain] = {"loss": mean, "perplexity": math.exp(mean), "tokens": count}
     losses = [r["loss"] for r in results.values()]

@@ -12,10 +12,11 @@ import re
 import shutil
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import torch
 
-from megareweight.checkpoint_io import load_model, prepared_dir
+from megareweight.checkpoint_io import load_model, run_tokenizer
 from megareweight.model import ModelArgs
 
 _RENAMES = [
@@ -66,6 +67,11 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
     from safetensors.torch import save_file
 
     model, state = load_model(checkpoint)
+    try:  # checked before anything is written: a wrong tokenizer refuses the export
+        tokenizer: Optional[Path] = run_tokenizer(checkpoint, state)[0]
+    except FileNotFoundError as exc:  # the weights are still worth exporting without one
+        warnings.warn(f"{exc}; exporting the model without a tokenizer")
+        tokenizer = None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {}
@@ -75,9 +81,6 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
         tensors[hf_name(name)] = tensor.detach().to(torch.float32).contiguous()
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(hf_config(model.args), indent=2))
-    prepared = prepared_dir(state)
-    if (prepared / "tokenizer.model").is_file():
-        shutil.copyfile(prepared / "tokenizer.model", out / "tokenizer.model")
-    else:
-        warnings.warn(f"the run's tokenizer ({prepared / 'tokenizer.model'}) is gone; exported the model without it")
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer, out / tokenizer.name)  # tokenizer.model or a Hugging Face tokenizer.json
     return out

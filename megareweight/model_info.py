@@ -10,10 +10,10 @@ takes milliseconds.
   18 bytes per parameter spread over all GPUs, plus the largest layer gathered in fp32), with the
   optimizer and parameters on the GPU (no offload) and with both offloaded to CPU. Activations
   are not included: they depend on micro-batch size and activation checkpointing.
-* ``flops_per_token``: training FLOPs per token as used for MFU (PaLM, Chowdhery et al. 2022,
-  appendix B): ``6 * N_matmul + 12 * n_layers * d_model * seq_len``, where ``N_matmul`` is every
-  weight that takes part in a matrix multiply (the input embedding lookup does not, unless it is
-  tied to the output head).
+* ``flops_per_token``: training FLOPs per token as used for MFU,
+  ``6 * N_matmul + 12 * n_layers * d_model * seq_len`` (PaLM's convention, no causal halving):
+  the same function the trainer logs ``model_tflops``/``mfu`` with,
+  :func:`megareweight.train.throughput.flops_per_token`, whose docstring explains each term.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from typing import Any
 import torch.nn as nn
 
 from megareweight.model import build_model, count_parameters, model_args
+from megareweight.train.throughput import flops_per_token, matmul_parameters
 
 GIB = 1024**3
 
@@ -31,27 +32,24 @@ def largest_layer_parameters(model: nn.Module) -> int:
     return max((sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()), default=0)
 
 
-def matmul_parameters(model: nn.Module) -> int:
-    """Parameters used in matrix multiplies: all but norm gains and an untied input embedding."""
-    total = count_parameters(model)
-    norms = sum(p.numel() for name, p in model.named_parameters() if p.dim() == 1)
-    untied_embedding = model.embed.weight.numel() if model.lm_head is not None else 0
-    return total - norms - untied_embedding
-
-
 def model_info(size: str, vocab_size: int = 32000, seq_len: int = 2048, nodes: int = 1,
-               gpus_per_node: int = 8) -> dict[str, Any]:
-    """Facts about a named model size for a ``nodes`` x ``gpus_per_node`` job (see module doc)."""
+               gpus_per_node: int = 8, **shape: Any) -> dict[str, Any]:
+    """Facts about a named model size for a ``nodes`` x ``gpus_per_node`` job (see module doc).
+
+    ``shape`` takes the same overrides as the config's ``model.*`` keys (``d_model``, ``n_layers``,
+    ``n_heads``, ``n_kv_heads``, ``ffn_dim``, ``max_seq_len``, ``tie_embeddings``; None = the
+    size's value), so a config's model can be sized before it is trained.
+    """
     if nodes < 1 or gpus_per_node < 1:
         raise ValueError(f"--nodes and --gpus-per-node must be >= 1, got {nodes}, {gpus_per_node}")
-    args = model_args(size, vocab_size=vocab_size)
+    args = model_args(size, vocab_size=vocab_size, **shape)
     if seq_len < 1 or seq_len > args.max_seq_len:
         raise ValueError(f"--seq-len must be in [1, {args.max_seq_len}] for {size}, got {seq_len}")
     model = build_model(args, device="meta")
     total = count_parameters(model)
     largest = largest_layer_parameters(model)
     n_matmul = matmul_parameters(model)
-    flops = 6 * n_matmul + 12 * args.n_layers * args.d_model * seq_len
+    flops = flops_per_token(args, seq_len)
 
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 

@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -77,14 +78,25 @@ def run_group(commands: Sequence[Sequence[str]], port: int, timeout: float, log:
         cleanup_shm(port)
 
 
-def deepspeed_train(config: Path, ds_json: Path, out: Path, nproc: int, *extra: str, timeout: float = 240) -> None:
-    """``deepspeed --num_accelerators N --module megareweight.train ...`` on this machine."""
+def deepspeed_train(config: Path, ds_json: Path, out: Path, nproc: int, *extra: str, timeout: float = 240,
+                    env: Optional[dict[str, str]] = None) -> None:
+    """``deepspeed --num_accelerators N --module megareweight.train ...`` on this machine (exit 0 required)."""
     port = free_port()
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_accelerators", str(nproc),
            "--master_port", str(port), "--module", "megareweight.train",
            "--config", str(config), "--deepspeed", str(ds_json), "--out", str(out), "--quiet", *extra]
     out.mkdir(parents=True, exist_ok=True)
-    run_group([cmd], port, timeout, out.parent / f"{out.name}.log")
+    run_group([cmd], port, timeout, out.parent / f"{out.name}.log", extra_env=env)
+
+
+def wait_for_metrics(out: Path, rows: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+    """Wait until ``out/metrics.jsonl`` has ``rows`` rows (or the process ended, or ``timeout``)."""
+    deadline = time.time() + timeout
+    path = out / "metrics.jsonl"
+    while time.time() < deadline and proc.poll() is None:
+        if path.is_file() and len(path.read_text().splitlines()) >= rows:
+            return
+        time.sleep(0.02)
 
 
 def read_metrics(out: Path) -> list[dict]:

@@ -41,6 +41,25 @@ def test_yaml_and_overrides(tmp_path):
         ({"reweight": {"r": 0}}, r"reweight\.r: must be > 0"),
         ({"wandb": {"mode": "cloud"}}, r"wandb\.mode: 'cloud' is not allowed; allowed values: offline, online, disabled"),
         ({"optim": 3}, r"optim: expected a mapping"),
+        ({"model": {"d_model": 100, "n_heads": 3}}, r"model\.d_model: 100 is not divisible by model\.n_heads \(3\)"),
+        ({"model": {"n_heads": 4, "n_kv_heads": 3}}, r"model\.n_heads: 4 is not divisible by model\.n_kv_heads \(3\)"),
+        ({"model": {"d_model": 100, "n_heads": 4}}, r"model\.d_model: the head dimension d_model / n_heads = 25 must be even"),
+        ({"model": {"n_layers": 0}}, r"model\.n_layers: must be >= 1, got 0"),
+        ({"model": {"ffn_dim": -4}}, r"model\.ffn_dim: must be >= 1, got -4"),
+        ({"model": {"d_model": 19.5}}, r"model\.d_model: expected int or null, got float 19\.5"),
+        ({"model": {"max_seq_len": 64}}, r"data\.seq_len: 128 exceeds model\.max_seq_len 64 \(size small\)"),
+        ({"model": {"size": "tiny"}, "data": {"seq_len": 1024}}, r"data\.seq_len: 1024 exceeds model\.max_seq_len 512"),
+        ({"data": {"train_domains": []}}, r"data\.train_domains: an empty list; omit the key"),
+        ({"data": {"eval_domains": []}}, r"data\.eval_domains: an empty list"),
+        ({"reweight": {"strategy": "linupper", "warmup_steps": 20}, "train": {"max_steps": 20}},
+         r"reweight\.warmup_steps: 20 >= train\.max_steps 20, so reweight\.strategy 'linupper' would never switch on"),
+        ({"model": {"activation_checkpointing": "sometimes"}},
+         r"model\.activation_checkpointing: 'sometimes' is not allowed; allowed values: none, full, every_k, attention, ffn, true, false"),
+        ({"model": {"checkpoint_every": 3}}, r"model\.checkpoint_every: only used with model\.activation_checkpointing: every_k"),
+        ({"model": {"activation_checkpointing": "every_k", "checkpoint_every": 0}}, r"model\.checkpoint_every: must be >= 1"),
+        ({"train": {"compile": "fast"}}, r"train\.compile: 'fast' is not allowed; allowed values: true, false, blocks, ops"),
+        ({"train": {"peak_tflops": 0}}, r"train\.peak_tflops: must be > 0"),
+        ({"data": {"prefetch": -1}}, r"data\.prefetch: must be >= 0"),
     ],
 )
 def test_errors_name_the_key(raw, pattern):
@@ -67,3 +86,41 @@ def test_shipped_configs_are_valid():
     assert len(files) >= 5
     for path in files:
         load_config(str(path))
+
+
+def test_model_shape_overrides_replace_the_named_size():
+    """``model.*`` shapes override the named size; unset keys keep its values; the trainer builds
+    its ModelArgs through the same function (model_args_for), so what loads is what trains."""
+    from megareweight.config import model_args_for
+    from megareweight.model import MODEL_SIZES, build_model, count_parameters
+
+    cfg = config_from_dict({"model": {"size": "small", "d_model": 192, "n_heads": 6, "ffn_dim": 512, "max_seq_len": 256}})
+    args = model_args_for(cfg, vocab_size=4096)
+    small = MODEL_SIZES["small"]
+    assert (args.d_model, args.n_heads, args.hidden_dim, args.max_seq_len) == (192, 6, 512, 256)
+    assert (args.n_layers, args.tie_embeddings, args.vocab_size) == (small.n_layers, small.tie_embeddings, 4096)
+    assert count_parameters(build_model(args, device="meta")) == 2_557_632  # the LM experiment's model
+    assert "d_model 192, 4 layers, 6 heads, ffn 512" in args.describe()
+    gqa = model_args_for(config_from_dict({"model": {"n_kv_heads": 2, "tie_embeddings": False}}), vocab_size=10)
+    assert gqa.kv_heads == 2 and not gqa.tie_embeddings
+    assert model_args_for(config_from_dict({}), vocab_size=10) == MODEL_SIZES["small"].__class__(
+        **{**MODEL_SIZES["small"].__dict__, "vocab_size": 10})
+
+
+def test_uniform_with_a_long_warmup_is_fine():
+    assert config_from_dict({"reweight": {"warmup_steps": 50}, "train": {"max_steps": 20}}).train.max_steps == 20
+
+
+def test_checkpointing_and_compile_values():
+    """``true``/``false`` keep working for activation checkpointing (full/none); the model and the
+    config agree on the modes."""
+    from megareweight.config import CHECKPOINT_MODES
+    from megareweight.model.llama import CHECKPOINT_MODES as MODEL_MODES
+
+    assert CHECKPOINT_MODES == MODEL_MODES
+    assert config_from_dict({"model": {"activation_checkpointing": True}}).model.activation_checkpointing == "full"
+    assert config_from_dict({"model": {"activation_checkpointing": False}}).model.activation_checkpointing == "none"
+    every = config_from_dict({"model": {"activation_checkpointing": "every_k", "checkpoint_every": 3}}).model
+    assert (every.activation_checkpointing, every.checkpoint_every) == ("every_k", 3)
+    assert config_from_dict({"train": {"compile": "ops"}}).train.compile == "ops"
+    assert config_from_dict({"train": {"compile": True}}).train.compile is True

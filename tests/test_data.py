@@ -13,7 +13,7 @@ import torch
 from megareweight.data.corpus import CorpusError, iter_documents, list_domains
 from megareweight.data.mixture import MixtureSampler, validation_batches
 from megareweight.data.shards import PreparedData, ShardError, verify_prepared
-from megareweight.data.tokenizer import Tokenizer
+from megareweight.data.tokenizer import load_tokenizer
 
 
 # --- corpus ---------------------------------------------------------------------------------------
@@ -29,6 +29,7 @@ def test_corpus_formats(tmp_path):
     domains = list_domains(tmp_path)
     assert list(domains) == ["a", "b", "c"]
     assert [list(iter_documents(p)) for p in domains.values()] == [["doc 0", "doc 1", "doc 2"]] * 3
+    assert domains["b"] == [tmp_path / "b.jsonl.xz"]  # a domain is a list of files
 
 
 def test_corpus_errors_name_the_file(tmp_path):
@@ -48,7 +49,7 @@ def test_corpus_errors_name_the_file(tmp_path):
 # --- tokenizer and prepare ------------------------------------------------------------------------
 
 def test_tokenizer_round_trip_is_exact(prepared_dir, corpus_dir):
-    tok = Tokenizer(prepared_dir / "tokenizer.model")
+    tok = load_tokenizer(prepared_dir / "tokenizer.model")
     samples = list(iter_documents(corpus_dir / "code.jsonl"))[:5] + [
         "def f(x):\n    if x:\n\t\treturn  x  # two spaces\n\n\n    return None   ",
         "unseen characters: ü é 漢字 🙂 and\r\nwindows line ends",
@@ -63,8 +64,8 @@ def test_prepare_manifest_and_shards(prepared_dir):
     assert data.vocab_size == 320 and data.dtype == np.dtype("<u2")
     for domain in data.domains:
         for split in ("train", "valid"):
-            shard = data.shard(split, domain)
-            assert isinstance(shard.tokens, np.memmap)
+            (shard,) = data.stream(split, domain).shards  # one job: one shard per domain and split
+            assert isinstance(shard.tokens, np.memmap) and isinstance(shard.offsets, np.memmap)
             assert shard.num_documents >= 1
             eos = data.manifest["eos_id"]
             # every document ends with EOS
@@ -74,9 +75,9 @@ def test_prepare_manifest_and_shards(prepared_dir):
 
 def test_validation_split_is_by_document(prepared_dir, corpus_dir):
     data = PreparedData.open(prepared_dir)
-    tok = Tokenizer(data.tokenizer_path)
-    valid = data.shard("valid", "prose")
-    train = data.shard("train", "prose")
+    tok = data.load_tokenizer()
+    (valid,) = data.stream("valid", "prose").shards
+    (train,) = data.stream("train", "prose").shards
     docs = list(iter_documents(corpus_dir / "prose.jsonl"))
     assert valid.num_documents + train.num_documents == len(docs)
     first_valid = tok.decode(valid.tokens[valid.offsets[0] : valid.offsets[1] - 1].tolist())
@@ -91,29 +92,31 @@ def prepared_copy(prepared_dir, tmp_path):
 
 
 def test_truncated_bin_is_named(prepared_copy):
-    path = prepared_copy / "train" / "code.bin"
+    path = prepared_copy / "train" / "code" / "00000-of-00001.bin"
     path.write_bytes(path.read_bytes()[:-3])
-    with pytest.raises(ShardError, match=r"code\.bin: size .* is not a multiple of 2"):
-        PreparedData.open(prepared_copy).shard("train", "code")
+    with pytest.raises(ShardError, match=r"code/00000-of-00001\.bin: size .* is not a multiple of 2"):
+        PreparedData.open(prepared_copy).stream("train", "code")
     path.write_bytes(path.read_bytes()[:-1])
-    with pytest.raises(ShardError, match=r"code\.idx: offsets run from 0 to .* but code\.bin holds"):
-        PreparedData.open(prepared_copy).shard("train", "code")
+    with pytest.raises(ShardError, match=r"code/00000-of-00001\.idx: offsets run from 0 to .* but 00000-of-00001\.bin holds"):
+        PreparedData.open(prepared_copy).stream("train", "code")
 
 
 def test_index_mismatch_and_flipped_bytes(prepared_copy):
-    idx = prepared_copy / "valid" / "prose.idx"
+    idx = prepared_copy / "valid" / "prose" / "00000-of-00001.idx"
     offsets = np.fromfile(idx, dtype="<i8")
     offsets[1], offsets[2] = offsets[2], offsets[1]
     offsets.tofile(idx)
-    with pytest.raises(ShardError, match=r"prose\.idx: document offsets are not strictly increasing"):
-        PreparedData.open(prepared_copy).shard("valid", "prose")
-    binary = prepared_copy / "train" / "numbers.bin"
+    # Opening stays O(1) (first and last offset only); the full monotonicity scan is verify's.
+    PreparedData.open(prepared_copy).stream("valid", "prose")
+    assert any(p.endswith("prose/00000-of-00001.idx: document offsets are not strictly increasing")
+               for p in verify_prepared(prepared_copy))
+    binary = prepared_copy / "train" / "numbers" / "00000-of-00001.bin"
     raw = bytearray(binary.read_bytes())
     raw[10] ^= 0xFF
     binary.write_bytes(bytes(raw))
     problems = verify_prepared(prepared_copy)
-    assert any("numbers.bin: SHA-256 differs" in p for p in problems)
-    assert any("numbers.bin: token id" in p and ">= vocab size 320" in p for p in problems)
+    assert any("numbers/00000-of-00001.bin: SHA-256 differs" in p for p in problems)
+    assert any("numbers/00000-of-00001.bin: token id" in p and ">= vocab size 320" in p for p in problems)
 
 
 def test_missing_manifest(tmp_path):
@@ -124,7 +127,7 @@ def test_missing_manifest(tmp_path):
 # --- mixture sampler ------------------------------------------------------------------------------
 
 def _shards(prepared_dir):
-    return PreparedData.open(prepared_dir).shards("train")
+    return PreparedData.open(prepared_dir).streams("train")
 
 
 def _take(sampler, n):
@@ -223,10 +226,10 @@ def test_sampler_errors(prepared_dir):
 
 
 def test_validation_batches_equal_across_ranks(prepared_dir):
-    shard = PreparedData.open(prepared_dir).shard("valid", "prose")
+    shard = PreparedData.open(prepared_dir).stream("valid", "prose")
     per_rank = [list(validation_batches(shard, 8, 2, 7, rank=r, world_size=2)) for r in range(2)]
-    assert [b.shape for b in per_rank[0]] == [b.shape for b in per_rank[1]]
-    assert sum(b.shape[0] for r in per_rank for b in r) == 6
+    assert [b["input_ids"].shape for b in per_rank[0]] == [b["input_ids"].shape for b in per_rank[1]]
+    assert sum(b["input_ids"].shape[0] for r in per_rank for b in r) == 6
 
 
 def test_public_names():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -67,3 +68,58 @@ def test_relative_prepared_path_still_found_from_another_directory(prepared_dir,
     assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--data", str(corpus_dir / "code.jsonl"), "--json",
                  "--quiet"]) == 0
     assert "code" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_eval_and_export_refuse_a_tokenizer_the_checkpoint_was_not_trained_with(prepared_dir, corpus_dir, tmp_path,
+                                                                                 capsys):
+    from megareweight.data.prepare import prepare
+    from tests.conftest import make_corpus
+
+    other = tmp_path / "other"  # same vocabulary size, other text: another tokenizer
+    prepare(make_corpus(tmp_path / "other_corpus", seed=7), other, vocab_size=320, valid_fraction=0.1, progress=False)
+    prep = tmp_path / "prep"
+    shutil.copytree(prepared_dir, prep)
+    run = tmp_path / "run"
+    train(tiny_config(prep, train={"max_steps": 2, "eval_interval": 0}), run, progress=False)
+    code = str(corpus_dir / "code.jsonl")
+    assert main(["eval", "--checkpoint", str(run), "--data", code, "--json", "--quiet"]) == 0
+    before = capsys.readouterr().out
+    assert main(["eval", "--checkpoint", str(run), "--data", code, "--tokenizer", str(other / "tokenizer.model")]) == 2
+    assert "is not the tokenizer" in capsys.readouterr().err
+    # The prepared directory is re-prepared: the checkpoint's own copy of its tokenizer is used.
+    shutil.copyfile(other / "tokenizer.model", prep / "tokenizer.model")
+    assert main(["eval", "--checkpoint", str(run), "--data", code, "--json", "--quiet"]) == 0
+    assert capsys.readouterr().out == before
+    # A checkpoint without its own copy (older format): the changed prepared tokenizer is refused.
+    latest = run / "checkpoints" / "step_00000002"
+    (latest / "tokenizer.model").unlink()
+    manifest = json.loads((latest / "COMPLETE").read_text())
+    del manifest["files"]["tokenizer.model"]
+    (latest / "COMPLETE").write_text(json.dumps(manifest))
+    for argv in (["eval", "--checkpoint", str(run), "--data", code], ["export", "--checkpoint", str(run), "--out",
+                                                                       str(tmp_path / "hf")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "the run's prepared directory now holds" in err[0], err
+    assert not (tmp_path / "hf" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+    (["--max-tokens", "-5"], "argument --max-tokens: must be >= 1, got -5"),
+    (["--seq-len", "x"], "argument --seq-len: expected an integer >= 1, got 'x'"),
+    (["--json-out", "/proc/nope/x.json"], "--json-out /proc/nope/x.json: cannot write"),
+])
+def test_eval_bad_arguments_are_one_line(trained_run, corpus_dir, argv, message, capsys):
+    assert main(["eval", "--checkpoint", str(trained_run), "--data", str(corpus_dir / "code.jsonl"), "--quiet",
+                 *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("megareweight: error: ") and message in err[0], err
+
+
+def test_eval_on_an_empty_file_is_one_line(trained_run, tmp_path, capsys):
+    (tmp_path / "empty.jsonl").write_text("")
+    assert main(["eval", "--checkpoint", str(trained_run), "--data", str(tmp_path / "empty.jsonl")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"megareweight: error: {tmp_path / 'empty.jsonl'}: 0 tokens, fewer than one window of 33; "
+                   "nothing to score"]

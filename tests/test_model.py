@@ -45,16 +45,60 @@ def test_causal():
     assert not torch.allclose(a[:, 8:], b[:, 8:])
 
 
-def test_activation_checkpointing_same_gradients():
+# Forward calls per block (attention, feed-forward) in one forward + backward of the 4-layer model.
+RECOMPUTED = {
+    "none": [(1, 1)] * 4,
+    "full": [(2, 2)] * 4,
+    True: [(2, 2)] * 4,
+    "every_k": [(2, 2), (1, 1), (2, 2), (1, 1)],  # k = 2: blocks 0 and 2
+    "attention": [(2, 1)] * 4,
+    "ffn": [(1, 2)] * 4,
+}
+
+
+@pytest.mark.parametrize("mode", list(RECOMPUTED))
+def test_activation_checkpointing_recomputes_what_the_mode_says_with_same_gradients(mode):
+    args = model_args("tiny", vocab_size=50, n_layers=4)
     torch.manual_seed(0)
-    plain = build_model(model_args("tiny", vocab_size=50))
-    ckpt = build_model(model_args("tiny", vocab_size=50), activation_checkpointing=True)
+    plain = build_model(args)
+    ckpt = build_model(args, activation_checkpointing=mode, checkpoint_every=2)
     ckpt.load_state_dict(plain.state_dict())
+    calls = {}
+    for i, block in enumerate(ckpt.layers):
+        for j, sub in enumerate((block.attn, block.ffn)):
+            sub.register_forward_pre_hook(lambda *_, key=(i, j): calls.__setitem__(key, calls.get(key, 0) + 1))
     ids = torch.randint(0, 50, (2, 9))
     for m in (plain, ckpt):
         m(ids).pow(2).mean().backward()
+    assert [(calls[i, 0], calls[i, 1]) for i in range(4)] == RECOMPUTED[mode]
     for p, q in zip(plain.parameters(), ckpt.parameters()):
         assert torch.allclose(p.grad, q.grad, atol=1e-6)
+    ckpt.eval()
+    calls.clear()
+    with torch.no_grad():
+        ckpt(ids)
+    assert all(v == 1 for v in calls.values())  # evaluation never recomputes
+
+
+def test_bad_checkpointing_values():
+    with pytest.raises(ValueError, match="model.activation_checkpointing: 'sometimes' is not allowed"):
+        build_model(model_args("tiny", vocab_size=50), activation_checkpointing="sometimes")
+    with pytest.raises(ValueError, match="model.checkpoint_every must be >= 1"):
+        build_model(model_args("tiny", vocab_size=50), activation_checkpointing="every_k", checkpoint_every=0)
+
+
+def test_lm_head_owns_the_untied_matrix_and_borrows_the_tied_one():
+    """The LM head is a module (ZeRO-3 gathers what a module owns); state-dict keys are unchanged."""
+    untied = build_model(model_args("tiny", vocab_size=50, tie_embeddings=False))
+    assert [n for n, _ in untied.lm_head.named_parameters()] == ["weight"]
+    assert "lm_head.weight" in untied.state_dict()
+    tied = build_model(model_args("tiny", vocab_size=50))
+    assert list(tied.lm_head.parameters()) == [] and "lm_head.weight" not in tied.state_dict()
+    assert tied.output_weight is tied.embed.weight
+    seen = []
+    out = tied.lm_head(torch.ones(1, 2, 64), torch.zeros(1, 2, dtype=torch.long),
+                       loss_fn=lambda h, w, y, **kw: seen.append((w, kw)) or "loss", r=0.5)
+    assert out == "loss" and seen[0][0] is tied.embed.weight and seen[0][1] == {"r": 0.5}
 
 
 def test_errors():

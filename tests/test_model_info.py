@@ -43,3 +43,14 @@ def test_bad_arguments() -> None:
         model_info("7b", gpus_per_node=0)
     with pytest.raises(ValueError, match="seq-len"):
         model_info("tiny", seq_len=100_000)
+
+
+def test_shape_overrides_like_the_config(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--d-model`` etc. size a config's ``model.*`` overrides before training (the LM experiment's model)."""
+    argv = ["model-info", "--size", "small", "--vocab-size", "4096", "--seq-len", "128", "--gpus-per-node", "1",
+            "--d-model", "192", "--n-heads", "6", "--ffn-dim", "512", "--json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["parameters"] == 2_557_632
+    assert main(["model-info", "--size", "small", "--d-model", "100", "--n-heads", "3"]) == 2
+    assert "model.d_model: 100 is not divisible by model.n_heads (3)" in capsys.readouterr().err

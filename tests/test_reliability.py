@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -70,17 +71,54 @@ def test_nonfinite_sample_is_dropped_and_step_skipped(prepared_dir, tmp_path):
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
 
 
-def test_repeated_nonfinite_steps_stop_with_checkpoint(prepared_dir, tmp_path):
+def test_repeated_nonfinite_steps_stop_with_a_separate_checkpoint(prepared_dir, tmp_path):
     cfg = tiny_config(prepared_dir, train={"max_steps": 20, "eval_interval": 0, "max_nonfinite_steps": 3})
-    with pytest.raises(TrainingError, match="3 consecutive steps had only non-finite losses"):
+    with pytest.raises(TrainingError, match="3 consecutive steps had only non-finite losses") as stopped:
         train(cfg, tmp_path / "run", engine_factory=poisoning_factory(set(range(2, 20)), rows="all"), progress=False)
-    latest = ckpt.find_latest(tmp_path / "run" / "checkpoints")
-    assert latest is not None and ckpt.read_state(latest)["step"] == 5
-    # the checkpoint is usable: parameters are finite and a clean resume finishes the run
-    state = torch.load(latest / "engine.pt", weights_only=True)["model"]
+    root = tmp_path / "run" / "checkpoints"
+    stop = root / "nonfinite_step_00000005"
+    assert f"--resume-from {stop}" in str(stopped.value) and "--resume starts over" in str(stopped.value)
+    # The stop checkpoint is outside step_*: neither `latest` nor --resume nor pruning sees it.
+    assert ckpt.find_latest(root) is None and not (root / "latest").exists()
+    assert ckpt.problem(stop) is None and ckpt.read_state(stop)["step"] == 5
+    state = torch.load(stop / "engine.pt", weights_only=True)["model"]
     assert all(torch.isfinite(t).all() for t in state.values())
-    result = train(cfg, tmp_path / "run", resume=True, progress=False)
+    result = train(cfg, tmp_path / "run", resume_from=str(stop), progress=False)
     assert result.steps == 20
+
+
+def _fault_run(prepared_dir, out, monkeypatch, spec, **train_keys):
+    """Train with ``MEGAREWEIGHT_FAULT_NAN=spec``; returns (metrics rows, the engine)."""
+    monkeypatch.setenv("MEGAREWEIGHT_FAULT_NAN", spec)
+    engines = []
+
+    def factory(module, cfg):
+        engines.append(PlainEngine(module, cfg, torch.device("cpu")))
+        return engines[-1]
+
+    cfg = tiny_config(prepared_dir, train={"max_steps": 6, "eval_interval": 0, **train_keys},
+                      reweight={"strategy": "linupper", "r": 0.5})
+    train(cfg, out, engine_factory=factory, progress=False)
+    return _metrics(out), engines[0]
+
+
+def test_fault_switch_nan_gradient_skips_and_nan_loss_does_not(prepared_dir, tmp_path, monkeypatch):
+    rows, engine = _fault_run(prepared_dir, tmp_path / "run", monkeypatch, "3:0:1,5:0:2:loss")
+    assert [r["nonfinite_samples"] for r in rows] == [0, 0, 1, 0, 1, 0]
+    assert [r["skipped_steps"] for r in rows] == [0, 0, 1, 1, 1, 1]  # hidden NaN: skipped; NaN loss only: applied
+    assert not math.isfinite(rows[2]["grad_norm"]) and math.isfinite(rows[4]["grad_norm"])
+    assert rows[4]["weight_min"] > 0 and rows[4]["weight_ess"] <= 3.0 + 1e-6  # 3 samples share the weight
+    assert all(torch.isfinite(p).all() for p in engine.module.parameters())
+
+
+def test_fp16_overflow_skips_the_step_and_lowers_the_loss_scale(prepared_dir, tmp_path, monkeypatch):
+    """Before: the step after a non-finite one died with "unscale_() has already been called"."""
+    clean, ref = _fault_run(prepared_dir, tmp_path / "clean", monkeypatch, "99:0", precision="fp16")
+    rows, engine = _fault_run(prepared_dir, tmp_path / "run", monkeypatch, "3:0", precision="fp16")
+    assert [r["skipped_steps"] for r in rows] == [0, 0, 1, 1, 1, 1] and [r["skipped_steps"] for r in clean][-1] == 0
+    assert engine.loss_scale == ref.loss_scale / 2  # the overflow halved the scale (growth needs 2000 steps)
+    assert all(math.isfinite(r["loss"]) for r in rows) and all(torch.isfinite(p).all()
+                                                                 for p in engine.module.parameters())
 
 
 def _write_config(path: Path, prepared: Path, **sections) -> Path:
@@ -213,3 +251,13 @@ def test_missing_prepared_data_is_a_clear_error(tmp_path, capsys):
     path.write_text(yaml.safe_dump({**VALID, "data": {"prepared": str(tmp_path / "nope")}}))
     assert main(["train", "--config", str(path), "--out", str(tmp_path / "o")]) == 2
     assert "manifest.json: not found (run `megareweight prepare` first)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("variable,value", [("MEGAREWEIGHT_FAULT_NAN", "3"), ("MEGAREWEIGHT_FAULT_NAN", "3:0:x"),
+                                            ("MEGAREWEIGHT_FAULT_SIGNAL", "3:0:KILL")])
+def test_malformed_fault_switch_is_a_one_line_error(prepared_dir, tmp_path, monkeypatch, capsys, variable, value):
+    monkeypatch.setenv(variable, value)
+    path = _write_config(tmp_path / "c.yaml", prepared_dir, train={"max_steps": 3})
+    assert main(["train", "--config", str(path), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{variable}={value!r}: expected STEP:RANK" in err[0], err

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 from megareweight.cli import main
@@ -42,8 +43,11 @@ def test_same_seed_same_curve_and_other_seed_differs(prepared_dir, tmp_path):
     train(cfg, tmp_path / "b", progress=False)
     other = tiny_config(prepared_dir, reweight={"strategy": "quadratic", "r": 0.4}, train={"seed": 1})
     train(other, tmp_path / "c", progress=False)
-    la, lb, lc = ([r["loss"] for r in _metrics(tmp_path / x)] for x in "abc")
-    assert la == lb
+    # Batches built on the main thread (no prefetch) give the same curve as prefetched ones.
+    inline = tiny_config(prepared_dir, reweight={"strategy": "quadratic", "r": 0.4}, data={"prefetch": 0})
+    train(inline, tmp_path / "d", progress=False)
+    la, lb, lc, ld = ([r["loss"] for r in _metrics(tmp_path / x)] for x in "abcd")
+    assert la == lb == ld
     assert la != lc
 
 
@@ -64,6 +68,48 @@ def test_resume_reproduces_the_uninterrupted_run(prepared_dir, tmp_path):
     assert [r["step"] for r in _metrics(resumed)] == list(range(1, 11))
 
 
+def test_throughput_telemetry_and_cumulative_tokens_across_a_batch_change(prepared_dir, tmp_path):
+    """tokens/s and TFLOP/s on every logged row (CPU too); MFU only with a known peak; ``tokens``
+    counts what was trained, also after resuming with a smaller global batch."""
+    from megareweight.model import model_args
+    from megareweight.train.throughput import flops_per_token
+
+    run = tmp_path / "run"
+    first = tiny_config(prepared_dir, train={"max_steps": 2, "eval_interval": 0, "log_interval": 2})
+    train(first, run, progress=False)
+    rows = _metrics(run)
+    assert [r["step"] for r in rows] == [2]  # log_interval 2: one row, covering two steps
+    assert rows[0]["tokens_per_s"] > 0 and "mfu" not in rows[0] and "max_memory_gib" not in rows[0]
+    fpt = flops_per_token(model_args("tiny", vocab_size=320), 32)
+    assert rows[0]["model_tflops"] == pytest.approx(rows[0]["tokens_per_s"] * fpt / 1e12)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["device"] == "cpu" and summary["flops_per_token"] == fpt and summary["peak_tflops"] is None
+
+    smaller = tiny_config(prepared_dir, data={"micro_batch_size": 2},
+                          train={"max_steps": 4, "eval_interval": 0, "peak_tflops": 0.5})
+    result = train(smaller, run, resume=True, progress=False)
+    rows = _metrics(run)
+    assert [r["tokens"] for r in rows] == [2 * 4 * 32, 2 * 4 * 32 + 2 * 32, 2 * 4 * 32 + 2 * 2 * 32]
+    assert result.tokens == rows[-1]["tokens"]
+    assert all(r["mfu"] == pytest.approx(r["model_tflops"] / 0.5) for r in rows[1:])
+    state = json.loads((run / "checkpoints" / "step_00000004" / "trainer_state.json").read_text())
+    assert state["tokens"] == rows[-1]["tokens"]
+
+
+def test_compiled_model_gives_the_same_losses(prepared_dir, tmp_path):
+    """``train.compile``: compiled blocks (with activation checkpointing inside) and compiled
+    element-wise ops (the ZeRO-3 path) match eager to fp32 round-off (Inductor on CPU)."""
+    losses = {}
+    for mode in (False, "blocks", "ops"):
+        cfg = tiny_config(prepared_dir, train={"max_steps": 2, "eval_interval": 0, "compile": mode},
+                          data={"eval_sequences": 4}, model={"activation_checkpointing": "every_k"},
+                          reweight={"strategy": "linupper"})
+        train(cfg, tmp_path / str(mode), progress=False)
+        losses[mode] = [r["loss"] for r in _metrics(tmp_path / str(mode))]
+    np.testing.assert_allclose(losses["blocks"], losses[False], rtol=1e-5)
+    np.testing.assert_allclose(losses["ops"], losses[False], rtol=1e-5)
+
+
 def test_wandb_offline_values_read_back(prepared_dir, tmp_path):
     cfg = tiny_config(prepared_dir, wandb={"mode": "offline"},
                       train={"max_steps": 6, "eval_interval": 3, "histogram_interval": 2},
@@ -74,6 +120,8 @@ def test_wandb_offline_values_read_back(prepared_dir, tmp_path):
     for row in _metrics(tmp_path / "run"):
         assert logged[row["step"]]["train/loss"] == pytest.approx(row["loss"])
         assert logged[row["step"]]["train/weight_max"] == pytest.approx(row["weight_max"])
+        assert logged[row["step"]]["train/tokens_per_s"] == pytest.approx(row["tokens_per_s"])
+        assert logged[row["step"]]["train/model_tflops"] == pytest.approx(row["model_tflops"])
     evals = [row for row in history if "eval/loss/prose" in row]
     assert [row["_step"] for row in evals] == [3, 6]
     hists = [row for row in history if "train/weight_hist/values" in row]  # nested keys come joined

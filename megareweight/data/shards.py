@@ -1,28 +1,38 @@
-"""Per-domain token shards: ``<split>/<domain>.bin`` + ``.idx`` + one ``manifest.json``.
+"""Token shards: ``<split>/<domain>/<part>.bin`` + ``.idx``, listed in one ``manifest.json``.
 
-* ``.bin``: the domain's documents' tokens back to back, each document followed by EOS, as
+* ``.bin``: documents' tokens back to back, each document followed by the end-of-document id, as
   little-endian uint16 (vocab <= 65536) or uint32.
 * ``.idx``: int64 document offsets into ``.bin``, ``n_docs + 1`` entries starting at 0.
-* ``manifest.json``: vocab size, dtype, tokenizer, and per shard token/document counts and the
-  SHA-256 of both files.
+* ``manifest.json`` (format 2): vocab size, dtype, end-of-document id, tokenizer (file, kind,
+  SHA-256), and per domain and split the totals (tokens, documents, largest token id) and the list
+  of shards, each with its counts, its largest token id and the SHA-256 of both files. A domain's
+  shards are read in manifest order as one stream (:class:`TokenStream`).
 
-Shards are read with ``numpy.memmap``, so a multi-GB domain costs no memory until touched. Cheap
-structural checks (sizes, offsets, counts against the manifest) run at every open; the full
-checksum and token-range scan run on request (:func:`verify_prepared`).
+Opening is O(1) per shard and reads no token and no offset table: both files are memory-mapped
+and only their sizes, the first and last offset, the manifest's counts and the manifest's largest
+token id (against the vocabulary) are checked, so ids >= vocab fail at open naming the file rather
+than as an index error mid-run. The full scan (offsets strictly increasing, EOS after every
+document, every token id, SHA-256 of every file, no stray shard files) is
+:func:`verify_prepared` (``megareweight verify``).
+
+Format 1 (one ``<split>/<domain>.bin`` per domain, no largest token id) is still read; its shards
+are range-checked only by ``megareweight verify``.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 SPLITS = ("train", "valid")
+SCAN_CHUNK = 1 << 24  # elements per chunk of verify's full scans (bounded memory)
 
 
 class ShardError(ValueError):
@@ -42,47 +52,66 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 
 
 class ShardWriter:
-    """Appends documents to one ``.bin``/``.idx`` pair; ``close()`` returns the manifest entry."""
+    """Appends tokenized documents to one ``.bin``/``.idx`` pair, hashing as it writes.
 
-    def __init__(self, bin_path: Path, dtype: np.dtype, eos_id: int):
+    ``close()`` returns the shard's manifest entry, or None (and removes both files) when no
+    document was written: an empty shard is never listed.
+    """
+
+    def __init__(self, bin_path: Path, dtype: np.dtype):
         self.bin_path = Path(bin_path)
         self.idx_path = self.bin_path.with_suffix(".idx")
         self.bin_path.parent.mkdir(parents=True, exist_ok=True)
-        self.dtype = dtype
-        self.eos_id = eos_id
+        self.dtype = np.dtype(dtype)
         self._bin = open(self.bin_path, "wb")
-        self._offsets = [0]
+        self._idx = open(self.idx_path, "wb")
+        self._bin_sha, self._idx_sha = hashlib.sha256(), hashlib.sha256()
+        self.tokens = 0
+        self.documents = 0
+        self.max_token_id = -1
+        self._write(self._idx, self._idx_sha, np.zeros(1, dtype="<i8"))
 
-    def add(self, documents: Iterable[Sequence[int]]) -> None:
-        arrays = []
-        for tokens in documents:
-            arr = np.empty(len(tokens) + 1, dtype=self.dtype)
-            arr[:-1] = tokens
-            arr[-1] = self.eos_id
-            arrays.append(arr)
-            self._offsets.append(self._offsets[-1] + arr.size)
-        if arrays:
-            self._bin.write(np.concatenate(arrays).tobytes())
+    @staticmethod
+    def _write(handle, digest, array: np.ndarray) -> None:
+        data = array.tobytes()
+        handle.write(data)
+        digest.update(data)
 
-    def close(self) -> dict[str, Any]:
+    def add(self, tokens: np.ndarray, lengths: np.ndarray, max_token_id: int) -> None:
+        """Append documents: ``tokens`` back to back (each ending with EOS), ``lengths`` per document."""
+        if lengths.size == 0:
+            return
+        self._write(self._bin, self._bin_sha, np.ascontiguousarray(tokens, dtype=self.dtype))
+        self._write(self._idx, self._idx_sha, (self.tokens + np.cumsum(lengths, dtype=np.int64)).astype("<i8"))
+        self.tokens += int(lengths.sum())
+        self.documents += int(lengths.size)
+        self.max_token_id = max(self.max_token_id, int(max_token_id))
+
+    def close(self) -> Optional[dict[str, Any]]:
         self._bin.close()
-        np.asarray(self._offsets, dtype="<i8").tofile(self.idx_path)
+        self._idx.close()
+        if self.documents == 0:
+            self.bin_path.unlink()
+            self.idx_path.unlink()
+            return None
         return {
             "bin": self.bin_path.name,
-            "tokens": int(self._offsets[-1]),
-            "documents": len(self._offsets) - 1,
-            "bin_sha256": sha256_file(self.bin_path),
-            "idx_sha256": sha256_file(self.idx_path),
+            "tokens": self.tokens,
+            "documents": self.documents,
+            "max_token_id": self.max_token_id,
+            "bin_sha256": self._bin_sha.hexdigest(),
+            "idx_sha256": self._idx_sha.hexdigest(),
         }
 
 
 @dataclass
 class TokenShard:
-    """A memory-mapped shard. ``tokens`` is a read-only 1-D array over the ``.bin`` file."""
+    """A memory-mapped shard. ``tokens`` and ``offsets`` are read-only arrays over the files."""
 
     path: Path
     tokens: np.ndarray
     offsets: np.ndarray
+    max_token_id: Optional[int] = None  # from the manifest (None for format 1)
 
     @property
     def num_tokens(self) -> int:
@@ -93,8 +122,9 @@ class TokenShard:
         return int(self.offsets.shape[0] - 1)
 
     @classmethod
-    def open(cls, bin_path: str | Path, dtype: np.dtype, expected: dict[str, Any] | None = None) -> "TokenShard":
-        """Map a shard and check its structure; ``expected`` is its manifest entry."""
+    def open(cls, bin_path: str | Path, dtype: np.dtype, expected: dict[str, Any] | None = None,
+             vocab_size: Optional[int] = None) -> "TokenShard":
+        """Map a shard and run the O(1) checks; ``expected`` is its manifest entry."""
         bin_path = Path(bin_path)
         idx_path = bin_path.with_suffix(".idx")
         for path in (bin_path, idx_path):
@@ -104,23 +134,108 @@ class TokenShard:
         if nbytes % dtype.itemsize:
             raise ShardError(f"{bin_path}: size {nbytes} bytes is not a multiple of {dtype.itemsize} ({dtype}): truncated?")
         n_tokens = nbytes // dtype.itemsize
-        if idx_path.stat().st_size % 8 or idx_path.stat().st_size < 16:
-            raise ShardError(f"{idx_path}: size {idx_path.stat().st_size} bytes is not a whole int64 offset table")
-        offsets = np.fromfile(idx_path, dtype="<i8")
+        idx_bytes = idx_path.stat().st_size
+        if idx_bytes % 8 or idx_bytes < 16:
+            raise ShardError(f"{idx_path}: size {idx_bytes} bytes is not a whole int64 offset table")
+        offsets = np.memmap(idx_path, dtype="<i8", mode="r")
         if offsets[0] != 0 or offsets[-1] != n_tokens:
             raise ShardError(
                 f"{idx_path}: offsets run from {offsets[0]} to {offsets[-1]} but {bin_path.name} holds {n_tokens} tokens"
             )
-        if np.any(np.diff(offsets) <= 0):
-            raise ShardError(f"{idx_path}: document offsets are not strictly increasing")
+        max_id = None
         if expected is not None:
             if expected.get("tokens") != n_tokens or expected.get("documents") != offsets.size - 1:
                 raise ShardError(
                     f"{bin_path}: {n_tokens} tokens / {offsets.size - 1} documents on disk, manifest says "
                     f"{expected.get('tokens')} / {expected.get('documents')}"
                 )
+            max_id = expected.get("max_token_id")
+        if max_id is not None and vocab_size is not None and max_id >= vocab_size:
+            raise ShardError(f"{bin_path}: holds token ids up to {max_id} but the vocabulary has {vocab_size} "
+                             f"(ids 0..{vocab_size - 1}): written with another tokenizer? re-run prepare")
         tokens = np.memmap(bin_path, dtype=dtype, mode="r", shape=(n_tokens,)) if n_tokens else np.zeros(0, dtype)
-        return cls(bin_path, tokens, offsets)
+        return cls(bin_path, tokens, offsets, max_id)
+
+    def segment_ids(self, start: int, length: int) -> np.ndarray:
+        """Document number (0 = the one containing ``start``) of tokens ``[start, start+length)``.
+
+        Boundaries come from the ``.idx`` offsets, not from EOS positions: a Hugging Face
+        tokenizer may emit the EOS id inside a document that contains its text literally.
+        Cost: two binary searches in the memory-mapped offsets plus the boundaries in the window.
+        """
+        first = int(np.searchsorted(self.offsets, start, side="right"))
+        last = int(np.searchsorted(self.offsets, start + length, side="left"))
+        seg = np.zeros(length, dtype=np.int64)
+        if last > first:
+            seg[np.asarray(self.offsets[first:last]) - start] = 1
+        return np.cumsum(seg)
+
+
+@dataclass
+class TokenStream:
+    """One domain's split: its shards, read in order as one stream of documents.
+
+    Windows never straddle two shards (each shard is cut on its own), so a window is always one
+    contiguous memory-mapped slice.
+    """
+
+    name: str
+    shards: list[TokenShard]
+    vocab_size: Optional[int] = None
+    _cum_windows: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def of(cls, shard: "TokenShard | TokenStream", name: str = "") -> "TokenStream":
+        return shard if isinstance(shard, TokenStream) else cls(name or shard.path.stem, [shard])
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.shards)
+
+    @property
+    def num_documents(self) -> int:
+        return sum(s.num_documents for s in self.shards)
+
+    def num_windows(self, seq_len: int) -> int:
+        cum = self._cumulative(seq_len)
+        return int(cum[-1]) if cum.size else 0
+
+    def _cumulative(self, seq_len: int) -> np.ndarray:
+        cum = self._cum_windows.get(seq_len)
+        if cum is None:
+            counts = [max((s.num_tokens - 1) // seq_len, 0) for s in self.shards]
+            cum = self._cum_windows[seq_len] = np.cumsum(np.asarray(counts, dtype=np.int64))
+        return cum
+
+    def locate(self, windows: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+        """Global window numbers -> (shard index, first token in that shard)."""
+        cum = self._cumulative(seq_len)
+        windows = np.asarray(windows, dtype=np.int64)
+        shard = np.searchsorted(cum, windows, side="right")
+        before = np.where(shard > 0, cum[np.maximum(shard - 1, 0)], 0)
+        return shard, (windows - before) * seq_len
+
+    def read(self, shard: int, start: int, length: int) -> np.ndarray:
+        """``length`` tokens from ``start`` of shard ``shard`` as int64, range-checked against the vocab.
+
+        The check costs one max over the window; it turns a corrupted shard into an error naming
+        the file instead of an embedding index error deep inside the model.
+        """
+        tokens = np.asarray(self.shards[shard].tokens[start : start + length], dtype=np.int64)
+        if self.vocab_size is not None and tokens.size and int(tokens.max()) >= self.vocab_size:
+            at = start + int(np.argmax(tokens >= self.vocab_size))
+            raise ShardError(f"{self.shards[shard].path}: token id {int(tokens.max())} at position {at} is >= the "
+                             f"vocabulary size {self.vocab_size} (corrupted? run megareweight verify)")
+        return tokens
+
+
+def _upgrade_v1(manifest: dict[str, Any]) -> dict[str, Any]:
+    """Format 1 (one shard per domain and split) in format 2's shape; no largest token id."""
+    for domain, splits in manifest["domains"].items():
+        for split, entry in splits.items():
+            splits[split] = {"tokens": entry["tokens"], "documents": entry["documents"], "max_token_id": None,
+                             "shards": [dict(entry, max_token_id=None)]}
+    return manifest
 
 
 @dataclass
@@ -140,9 +255,15 @@ class PreparedData:
             manifest = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
             raise ShardError(f"{path}: not valid JSON ({exc})") from None
-        if manifest.get("format") != FORMAT_VERSION:
-            raise ShardError(f"{path}: format {manifest.get('format')!r}, this version reads {FORMAT_VERSION}")
-        return cls(root, manifest)
+        fmt = manifest.get("format") if isinstance(manifest, dict) else None
+        if fmt not in READABLE_FORMATS:
+            raise ShardError(f"{path}: format {fmt!r}; this version reads formats "
+                             f"{', '.join(map(str, READABLE_FORMATS))} (re-run `megareweight prepare`)")
+        return cls(root, _upgrade_v1(manifest) if fmt == 1 else manifest)
+
+    @property
+    def format(self) -> int:
+        return int(self.manifest["format"])
 
     @property
     def domains(self) -> list[str]:
@@ -160,44 +281,105 @@ class PreparedData:
     def tokenizer_path(self) -> Path:
         return self.root / self.manifest["tokenizer"]["file"]
 
-    def shard(self, split: str, domain: str) -> TokenShard:
+    def load_tokenizer(self, threads: int = 0):
+        from megareweight.data.tokenizer import load_tokenizer
+
+        return load_tokenizer(self.tokenizer_path, eos_token=self.manifest["tokenizer"].get("eos_token"), threads=threads)
+
+    def shard_path(self, split: str, shard_entry: dict[str, Any], domain: str) -> Path:
+        base = self.root / split
+        return base / shard_entry["bin"] if self.format == 1 else base / domain / shard_entry["bin"]
+
+    def stream(self, split: str, domain: str) -> TokenStream:
+        """The domain's split as one stream; every shard is mapped and checked (O(1) each)."""
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if domain not in self.manifest["domains"]:
             raise ShardError(f"{self.root}: no domain {domain!r}; available: {', '.join(self.domains)}")
         entry = self.manifest["domains"][domain][split]
-        return TokenShard.open(self.root / split / entry["bin"], self.dtype, entry)
+        shards = [TokenShard.open(self.shard_path(split, s, domain), self.dtype, s, self.vocab_size)
+                  for s in entry["shards"]]
+        return TokenStream(domain, shards, self.vocab_size)
 
-    def shards(self, split: str, domains: Sequence[str] | None = None) -> dict[str, TokenShard]:
-        return {d: self.shard(split, d) for d in (domains or self.domains)}
+    def streams(self, split: str, domains: Sequence[str] | None = None) -> dict[str, TokenStream]:
+        return {d: self.stream(split, d) for d in (domains or self.domains)}
+
+    # Names of earlier versions (a domain used to be one shard).
+    shard = stream
+    shards = streams
+
+
+def tokenizer_spec(prepared: str | Path) -> tuple[Path, Optional[str]]:
+    """(tokenizer file, end-of-document token) of a prepared directory, from its manifest.
+
+    Falls back to ``tokenizer.model`` (what format 1 always wrote) when the manifest is unreadable.
+    """
+    root = Path(prepared)
+    try:
+        entry = json.loads((root / MANIFEST).read_text())["tokenizer"]
+        return root / entry["file"], entry.get("eos_token")
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return root / "tokenizer.model", None
+
+
+def _scan_shard(shard: TokenShard, eos_id: Optional[int]) -> tuple[int, list[str]]:
+    """Full scan in bounded memory: largest token id, offsets increasing, EOS ending every document."""
+    problems: list[str] = []
+    idx_path = shard.path.with_suffix(".idx")
+    offsets = shard.offsets
+    for lo in range(0, offsets.size - 1, SCAN_CHUNK):
+        chunk = np.asarray(offsets[lo : lo + SCAN_CHUNK + 1])
+        if np.any(np.diff(chunk) <= 0) or chunk[-1] > shard.num_tokens:
+            problems.append(f"{idx_path}: document offsets are not strictly increasing")
+            return -1, problems
+        if eos_id is not None and shard.num_tokens and np.any(shard.tokens[chunk[1:] - 1] != eos_id):
+            problems.append(f"{shard.path}: a document does not end with the end-of-document id {eos_id}")
+    largest = -1
+    for lo in range(0, shard.num_tokens, SCAN_CHUNK):
+        largest = max(largest, int(np.asarray(shard.tokens[lo : lo + SCAN_CHUNK]).max()))
+    return largest, problems
 
 
 def verify_prepared(root: str | Path, progress: bool = False) -> list[str]:
-    """Full check of a prepared directory: structure, SHA-256 of every file, token ids < vocab.
+    """Full check of a prepared directory (every shard of every domain and split).
 
-    Returns a list of problems (empty when everything is intact); each names the file.
+    Structure, strictly increasing offsets, EOS after every document, token ids < vocab and equal
+    to the manifest's largest id, SHA-256 of every file, and no shard file on disk that the
+    manifest does not list (a leftover of an earlier preparation). Returns a list of problems
+    (empty when everything is intact); each names the file.
     """
     from tqdm import tqdm
 
     data = PreparedData.open(root)
     problems: list[str] = []
-    pairs = [(d, s) for d in data.domains for s in SPLITS]
-    for domain, split in tqdm(pairs, desc="verify", unit="shard", disable=not progress, leave=False):
-        entry = data.manifest["domains"][domain][split]
-        bin_path = data.root / split / entry["bin"]
+    eos_id = data.manifest.get("eos_id")
+    listed: set[Path] = set()
+    items = [(d, s, e) for d in data.domains for s in SPLITS for e in data.manifest["domains"][d][s]["shards"]]
+    for domain, split, entry in tqdm(items, desc="verify", unit="shard", disable=not progress, leave=False):
+        bin_path = data.shard_path(split, entry, domain)
+        listed.update((bin_path, bin_path.with_suffix(".idx")))
         try:
-            shard = TokenShard.open(bin_path, data.dtype, entry)
+            shard = TokenShard.open(bin_path, data.dtype, entry)  # the id range is scanned below
         except ShardError as exc:
             problems.append(str(exc))
             continue
+        largest, found = _scan_shard(shard, eos_id)
+        problems += found
+        if largest >= data.vocab_size:
+            problems.append(f"{bin_path}: token id {largest} >= vocab size {data.vocab_size}")
+        recorded = entry.get("max_token_id")
+        if recorded is not None and largest >= 0 and largest != recorded:
+            problems.append(f"{bin_path}: largest token id is {largest}, the manifest says {recorded}")
         for path, key in ((bin_path, "bin_sha256"), (bin_path.with_suffix(".idx"), "idx_sha256")):
             if sha256_file(path) != entry[key]:
                 problems.append(f"{path}: SHA-256 differs from the manifest (corrupted or modified)")
-        if shard.num_tokens and int(shard.tokens.max()) >= data.vocab_size:
-            problems.append(f"{bin_path}: token id {int(shard.tokens.max())} >= vocab size {data.vocab_size}")
+    for split in SPLITS:
+        for path in sorted((data.root / split).rglob("*")) if (data.root / split).is_dir() else []:
+            if path.suffix in (".bin", ".idx") and path not in listed:
+                problems.append(f"{path}: not listed in the manifest (left over from an earlier preparation?)")
     tok = data.tokenizer_path
     if not tok.is_file():
-        problems.append(f"{tok}: tokenizer model missing")
+        problems.append(f"{tok}: tokenizer file missing")
     elif sha256_file(tok) != data.manifest["tokenizer"]["sha256"]:
         problems.append(f"{tok}: SHA-256 differs from the manifest")
     return problems

@@ -8,7 +8,8 @@ Two tools, both used by the AutoScale workflow and its experiment:
   the two-way additive model ``Y[g, k] = mu_g + s_k + e`` is the noise that a comparison of two
   settings at the same seeds actually sees; its ``(G - 1)(K - 1)`` degrees of freedom pool every
   setting, which with 2 seeds is far more stable than one standard deviation per setting.
-* :func:`t_interval` is the usual t-based confidence interval of a mean (of paired differences).
+* :func:`t_interval` is the usual t-based confidence interval of a mean (of paired differences):
+  :func:`megareweight.stats.mean_ci` with this package's input checks and error type.
 
 Pure numpy/scipy.
 """
@@ -17,10 +18,10 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-from scipy import stats
 
 from megareweight.mixing._validate import ArrayLike, as_vector
 from megareweight.mixing.errors import MixingError
+from megareweight.stats import mean_ci
 
 
 class Noise(NamedTuple):
@@ -64,6 +65,5 @@ def t_interval(values: ArrayLike, level: float = 0.95) -> Interval:
         raise MixingError(f"a t-interval needs at least 2 values, got {v.size}")
     if not 0 < level < 1:
         raise MixingError(f"level must be in (0, 1), got {level!r}")
-    half = float(stats.t.ppf(0.5 + level / 2, v.size - 1) * v.std(ddof=1) / np.sqrt(v.size))
-    m = float(v.mean())
-    return Interval(m, m - half, m + half, int(v.size))
+    mean, low, high = mean_ci(v, level)
+    return Interval(mean, low, high, int(v.size))

@@ -53,9 +53,10 @@ def normalize_losses(
         raise ValueError(f"delta must be > 0, got {delta}")
     losses = losses.detach().float()
     valid = _valid_mask(losses, mask)
-    inf = torch.tensor(float("inf"), device=losses.device)
-    l_max = torch.where(valid, losses, -inf).amax()
-    l_min = torch.where(valid, losses, inf).amin()
+    # Python scalars, not torch.tensor(inf, device=...): that is a host-to-device copy from
+    # pageable memory, which synchronises the CUDA stream on every call.
+    l_max = torch.where(valid, losses, float("-inf")).amax()
+    l_min = torch.where(valid, losses, float("inf")).amin()
     spread = torch.clamp(l_max - l_min, min=MIN_RANGE)
     x = 2.0 * delta * (losses - (l_max + l_min) / 2.0) / spread
     return torch.where(valid, x, torch.zeros_like(x))
@@ -147,10 +148,9 @@ def weight_statistics(
     """
     w = weights.detach().float()
     valid = valid.to(torch.bool)
-    inf = torch.tensor(float("inf"), device=w.device)
     stats = {
-        "min": torch.where(valid, w, inf).amin(),
-        "max": torch.where(valid, w, -inf).amax(),
+        "min": torch.where(valid, w, float("inf")).amin(),
+        "max": torch.where(valid, w, float("-inf")).amax(),
         "entropy": -(torch.where(w > 0, w * torch.log(w), torch.zeros_like(w))).sum(),
         "ess": 1.0 / torch.clamp((w * w).sum(), min=1e-30),
         "valid": valid.sum(),

@@ -9,10 +9,12 @@ is no import circle.
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import sys
 from typing import Optional, Sequence
 
-from megareweight.cli_errors import run_command
+from megareweight.cli_errors import OneLineParser, UsageError, parse_and_run
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,23 +23,52 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output directory (metrics, checkpoints, wandb)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value (repeatable), e.g. --set optim.lr=1e-3")
-    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its newest intact checkpoint (starts fresh when there is none)")
+    p.add_argument("--resume-from", metavar="STEP|PATH", default=None,
+                   help="continue from this checkpoint (a step of --out's checkpoints, or a checkpoint directory)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run even if --out holds another run (whose checkpoints, metrics and wandb "
+                        "files are removed)")
     p.add_argument("--deepspeed", metavar="JSON", default=None, help="DeepSpeed config; runs under DeepSpeed")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
     p.add_argument("--quiet", action="store_true", help="no progress bars or banners")
 
 
+def resume_command(args: argparse.Namespace) -> str:
+    """The command that continues this run (under a launcher: the arguments to give it)."""
+    parts = ["--config", args.config]
+    if args.deepspeed:
+        parts += ["--deepspeed", args.deepspeed]
+    parts += ["--out", args.out]
+    for override in args.overrides:
+        parts += ["--set", override]
+    parts.append("--resume")
+    if args.deepspeed or args.local_rank is not None:
+        return f"the same launcher command (e.g. deepspeed ... --module megareweight.train) with {shlex.join(parts)}"
+    return shlex.join(["megareweight", "train", *parts])
+
+
 def run_training(args: argparse.Namespace) -> int:
     from megareweight.config import load_config
     from megareweight.train.loop import train
+    from megareweight.train.signals import StoppedBySignal
 
+    if args.overwrite and (args.resume or args.resume_from):
+        raise UsageError("--overwrite starts a new run; it cannot be combined with --resume/--resume-from")
     cfg = load_config(args.config, args.overrides)
     factory = None
     if args.deepspeed:
         from megareweight.train.ds_engine import deepspeed_engine_factory
 
         factory = deepspeed_engine_factory(args.deepspeed)
-    result = train(cfg, args.out, resume=args.resume, engine_factory=factory, progress=not args.quiet)
+    try:
+        result = train(cfg, args.out, resume=args.resume, engine_factory=factory, progress=not args.quiet,
+                       resume_from=args.resume_from, overwrite=args.overwrite)
+    except StoppedBySignal as stop:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"megareweight: {stop}; resume with: {resume_command(args)}", file=sys.stderr, flush=True)
+        return stop.exit_code
     if not args.quiet and result.is_main:
         final = ", ".join(f"{d} {v:.4f}" for d, v in result.final_eval.items())
         print(f"[megareweight] done: {result.steps} steps, {result.tokens:,} tokens, {result.seconds:.1f} s; "
@@ -46,10 +77,9 @@ def run_training(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m megareweight.train")
+    parser = OneLineParser(prog="python -m megareweight.train")
     add_train_arguments(parser)
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    return run_command(run_training, args)
+    return parse_and_run(parser, sys.argv[1:] if argv is None else argv, run_training)
 
 
 if __name__ == "__main__":

@@ -1,22 +1,77 @@
-"""Atomic checkpoints: write into a temporary directory, rename it, then update ``latest``.
+"""Atomic, verifiable checkpoints, and the rules that keep a good one on disk.
 
-A crash at any moment leaves either the previous complete checkpoint or the new one; a directory
-without the ``COMPLETE`` marker (half-written) is never pointed at and is skipped with a warning.
-Layout: ``<out>/checkpoints/step_00000100/{engine files, trainer_state.json, COMPLETE}`` and
-``<out>/checkpoints/latest`` holding the directory name.
+Layout of ``<out>/checkpoints/``::
+
+    step_00000100/            engine files, trainer_state.json, tokenizer.model, COMPLETE
+    latest                    the newest regular checkpoint's name (for people and tools)
+    nonfinite_step_00000305/  the state at a stop caused by repeated non-finite steps
+    retired/<time>_after_step_00000100/step_*   checkpoints newer than the one a resume started from
+
+**Writing.** Everything goes into ``.tmp_<name>``; then ``COMPLETE`` is written (a JSON manifest
+of every file and its size), the directory is renamed, and ``latest`` is updated. A crash at any
+moment leaves the previous checkpoints and, at most, a temporary directory that nothing reads.
+A failed write (disk full, quota) removes its temporary directory and raises
+:class:`CheckpointWriteError`; the previous checkpoints are untouched.
+
+**Reading.** :func:`find_latest` returns the newest regular checkpoint that :func:`problem` finds
+intact: ``COMPLETE`` present, every file of the size that was written (a truncated ``engine.pt``
+or DeepSpeed shard, a missing file), ``trainer_state.json`` valid. A damaged one is skipped with a
+warning naming the reason, and the previous one is used. Sizes rather than SHA-256: a stat per
+file is free, hashing a 7B run's ~80 GB of optimizer shards would take minutes at every resume,
+and the failures seen in practice (disk full, kill during a write, a truncated copy) all change
+sizes.
+
+**What is never lost.**
+
+* Non-finite parameters are never saved (:func:`parameters_finite`, checked on every rank).
+* A stop after ``train.max_nonfinite_steps`` non-finite steps writes ``nonfinite_step_*``: outside
+  the ``step_*`` namespace, so ``latest``, ``--resume`` and pruning never see it. A plain
+  ``--resume`` goes back to the last regular checkpoint (what a retry with a lower learning rate
+  wants; retries can never prune the pre-divergence checkpoints away), and ``--resume-from`` the
+  stop checkpoint continues after the bad batches (what bad data wants).
+* :func:`prune` keeps the newest ``keep`` intact regular checkpoints and never the one just written.
+* A resume from a checkpoint older than the newest moves the newer ones to ``retired/``
+  (:func:`retire_newer`) instead of letting the new continuation mix with them: pruning by step
+  would otherwise delete the new continuation's checkpoints and keep the abandoned ones.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
+
+import torch
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
 STATE = "trainer_state.json"
+REGULAR, NONFINITE = "step", "nonfinite_step"
+RETIRED = "retired"
+_NAME = re.compile(r"^(step|nonfinite_step)_(\d{8})$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used (damaged, missing, not ours); the message names it (exit code 2)."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """Writing a checkpoint failed (e.g. disk full); the previous ones are intact (exit code 1)."""
+
+
+def checkpoint_name(step: int, kind: str = REGULAR) -> str:
+    return f"{kind}_{step:08d}"
+
+
+def step_of(path: Path) -> int:
+    match = _NAME.match(Path(path).name)
+    if not match:
+        raise CheckpointError(f"{path}: not a checkpoint directory name (expected step_NNNNNNNN)")
+    return int(match.group(2))
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -28,59 +83,184 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _manifest(directory: Path) -> dict[str, int]:
+    return {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def _describe(exc: BaseException, root: Path) -> str:
+    """One line: the OS reason, plus the free space when it may be the cause."""
+    if isinstance(exc, OSError) and exc.strerror:
+        reason = f"{exc.strerror}: {exc.filename}"
+    else:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    try:
+        free = shutil.disk_usage(root).free / 2**20
+        reason += f" ({free:,.0f} MiB free on that file system)"
+    except OSError:
+        pass
+    return reason
+
+
 def save_checkpoint(
-    root: Path, step: int, state: dict[str, Any], write_engine: Callable[[Path], None], is_writer: bool = True,
-    barrier: Callable[[], None] = lambda: None,
+    root: Path,
+    step: int,
+    state: dict[str, Any],
+    write_engine: Callable[[Path], None],
+    is_writer: bool = True,
+    all_ok: Callable[[bool], bool] = lambda ok: ok,
+    kind: str = REGULAR,
+    extra_files: Iterable[tuple[str, Path]] = (),
 ) -> Path:
-    """Save trainer ``state`` (JSON) plus whatever ``write_engine(dir)`` writes.
+    """Save trainer ``state`` (JSON), ``extra_files`` and whatever ``write_engine(dir)`` writes.
 
     In a distributed run every rank calls this (DeepSpeed saves shards from all ranks);
-    ``is_writer`` marks the one rank that renames and updates ``latest``.
+    ``is_writer`` marks the one rank that writes the state, renames and updates ``latest``.
+    ``all_ok(ok)`` is a collective AND over ranks (it doubles as the barrier between phases), so a
+    failure on any rank makes every rank raise :class:`CheckpointWriteError` instead of hanging.
+    Only regular checkpoints move ``latest``.
     """
-    root.mkdir(parents=True, exist_ok=True)
-    name = f"step_{step:08d}"
+    root = Path(root)
+    name = checkpoint_name(step, kind)
     final, tmp = root / name, root / f".tmp_{name}"
-    if is_writer and tmp.exists():
-        shutil.rmtree(tmp)
-    barrier()
-    write_engine(tmp)
-    barrier()
-    if is_writer:
+    error: Optional[BaseException] = None
+
+    def phase(action: Callable[[], None], run_here: bool = True) -> None:
+        nonlocal error
+        if run_here:
+            try:
+                action()
+            except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as RuntimeError
+                error = exc
+        if not all_ok(error is None):
+            if is_writer:
+                shutil.rmtree(tmp, ignore_errors=True)
+            where = _describe(error, root) if error is not None else "failed on another rank"
+            newest = find_latest(root, warn=False)
+            kept = f"the newest intact checkpoint is {newest.name}" if newest else "no earlier checkpoint exists"
+            raise CheckpointWriteError(f"writing checkpoint {final} failed: {where}; {kept}")
+
+    def prepare() -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    def commit() -> None:
         _atomic_write_text(tmp / STATE, json.dumps(state))
-        (tmp / COMPLETE).touch()
-        if final.exists():
-            shutil.rmtree(final)
+        for filename, source in extra_files:
+            shutil.copyfile(source, tmp / filename)
+        _atomic_write_text(tmp / COMPLETE, json.dumps({"step": step, "files": _manifest(tmp)}))
+        old = root / f".old_{name}"
+        if final.exists():  # the same step written again (e.g. a second stop at the same step)
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
         os.replace(tmp, final)
-        _atomic_write_text(root / LATEST, name)
-    barrier()
+        shutil.rmtree(old, ignore_errors=True)
+        if kind == REGULAR:
+            _atomic_write_text(root / LATEST, name)
+
+    phase(prepare, is_writer)
+    phase(lambda: write_engine(tmp))
+    phase(commit, is_writer)
     return final
 
 
-def find_latest(root: Path) -> Optional[Path]:
-    """The newest complete checkpoint, or None. Half-written ones are skipped with a warning."""
-    if not root.is_dir():
-        return None
-    pointer = root / LATEST
-    if pointer.is_file():
-        candidate = root / pointer.read_text().strip()
-        if (candidate / COMPLETE).is_file():
+def problem(ckpt: Path) -> Optional[str]:
+    """Why ``ckpt`` cannot be resumed from, or None when it is intact."""
+    marker = ckpt / COMPLETE
+    if not marker.is_file():
+        return "incomplete (no COMPLETE marker: its write was interrupted)"
+    try:
+        text = marker.read_text()
+        manifest = json.loads(text) if text.strip() else {}  # empty: written before manifests existed
+    except (OSError, ValueError):
+        return f"{COMPLETE} is damaged"
+    for rel, size in manifest.get("files", {}).items():
+        path = ckpt / rel
+        if not path.is_file():
+            return f"{rel} is missing"
+        actual = path.stat().st_size
+        if actual != size:
+            return f"{rel} has {actual} bytes but {size} were written (truncated or modified)"
+    try:
+        state = json.loads((ckpt / STATE).read_text())
+    except (OSError, ValueError):
+        return f"{STATE} is missing or not valid JSON"
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        return f"{STATE} has no step"
+    return None
+
+
+def regular_checkpoints(root: Path) -> list[Path]:
+    """``step_*`` directories, oldest first (intact or not)."""
+    if not Path(root).is_dir():
+        return []
+    found = [p for p in Path(root).iterdir() if p.is_dir() and _NAME.match(p.name) and p.name.startswith("step_")]
+    return sorted(found, key=step_of)
+
+
+def find_latest(root: Path, warn: bool = True) -> Optional[Path]:
+    """The newest intact regular checkpoint, or None; damaged ones are skipped with a warning.
+
+    Newest by step, not by the ``latest`` pointer: a crash between the rename and the pointer
+    update leaves the pointer one checkpoint behind.
+    """
+    for candidate in reversed(regular_checkpoints(root)):
+        reason = problem(candidate)
+        if reason is None:
             return candidate
-        warnings.warn(f"{pointer} names {candidate.name}, which is incomplete; looking for an older checkpoint")
-    for candidate in sorted(root.glob("step_*"), reverse=True):
-        if (candidate / COMPLETE).is_file():
-            return candidate
-        warnings.warn(f"ignoring incomplete checkpoint {candidate}")
+        if warn:
+            warnings.warn(f"skipping damaged checkpoint {candidate}: {reason}; trying the previous one")
     return None
 
 
 def read_state(ckpt: Path) -> dict[str, Any]:
-    return json.loads((ckpt / STATE).read_text())
+    return json.loads((Path(ckpt) / STATE).read_text())
 
 
-def prune(root: Path, keep: int) -> None:
-    """Keep the newest ``keep`` complete checkpoints (0 keeps all)."""
+def prune(root: Path, keep: int, protect: Optional[Path] = None) -> list[Path]:
+    """Delete all but the newest ``keep`` intact regular checkpoints (0 keeps all); returns them.
+
+    ``protect`` (the checkpoint just written) is never deleted, whatever the order on disk.
+    Damaged checkpoints are left alone: they were either retired at resume or are being inspected.
+    """
     if keep <= 0:
-        return
-    done = sorted(p for p in root.glob("step_*") if (p / COMPLETE).is_file())
-    for old in done[:-keep]:
+        return []
+    intact = [p for p in regular_checkpoints(root) if problem(p) is None]
+    doomed = [p for p in intact[:-keep] if protect is None or p.resolve() != Path(protect).resolve()]
+    for old in doomed:
         shutil.rmtree(old, ignore_errors=True)
+    return doomed
+
+
+def retire_newer(root: Path, step: int) -> Optional[Path]:
+    """Move regular checkpoints newer than ``step`` to ``retired/``; returns where (or None).
+
+    Called under the run-directory lock when a resume starts from ``step``: the newer checkpoints
+    belong to a continuation that is being abandoned (``--resume-from`` an older step, or a damaged
+    newest checkpoint). Moved, not deleted: nothing a user may still want is removed silently.
+    """
+    newer = [p for p in regular_checkpoints(root) if step_of(p) > step]
+    if not newer:
+        return None
+    dest = Path(root) / RETIRED / f"{time.strftime('%Y%m%d-%H%M%S')}_after_step_{step:08d}"
+    dest.mkdir(parents=True, exist_ok=True)
+    for path in newer:
+        os.replace(path, dest / path.name)
+    return dest
+
+
+def remove_temporaries(root: Path) -> None:
+    """Delete half-written ``.tmp_*``/``.old_*`` directories (only while holding the run lock)."""
+    if Path(root).is_dir():
+        for path in Path(root).iterdir():
+            if path.name.startswith((".tmp_", ".old_")):
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def parameters_finite(module: torch.nn.Module) -> bool:
+    """Whether this rank's parameters are all finite (ZeRO-3: this rank's shards, ``ds_tensor``)."""
+    with torch.no_grad():
+        for p in module.parameters():
+            tensor = getattr(p, "ds_tensor", p)
+            if tensor.numel() and not bool(torch.isfinite(tensor).all()):
+                return False
+    return True

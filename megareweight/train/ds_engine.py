@@ -13,12 +13,29 @@ process and for a cluster), and everything DeepSpeed-specific lives here:
   ``engine.backward`` divides by ``gradient_accumulation_steps`` itself (``scale_wrt_gas``), so
   this wrapper does not (PlainEngine does it by hand): the step's gradient is the mean over the
   global micro-batches, each of whose weights sum to 1.
-* **ZeRO-3 and the LM head.** The loss consumes ``output_weight`` (the untied ``lm_head.weight`` or
-  the tied embedding) inside :class:`ReweightedLM.forward`, outside the owning module's forward.
-  It is registered as an external parameter of ``ReweightedLM`` so ZeRO-3 gathers it for the
-  whole forward and again for the backward (the chunked loss recomputes logits there).
+* **ZeRO-3 and the LM head.** The loss runs inside :class:`~megareweight.model.llama.LMHead`'s
+  forward, the module that owns the untied ``lm_head.weight``, so ZeRO-3 gathers (and prefetches)
+  the matrix for that module's forward and again before its backward, and releases it in between,
+  like any layer's weight. A tied matrix belongs to the embedding; it is registered as an external
+  parameter of the head module only, so it is gathered there too and not held for the whole step.
+* **fp32 gradient reduction** is a matter of the JSON (``communication_data_type``,
+  ``data_types.grad_accum_dtype``): see ``ds_configs/README.md``.
+* **Activation checkpointing** is the YAML's (``model.activation_checkpointing``); an
+  ``activation_checkpointing`` section in the JSON is refused: it configures
+  ``deepspeed.checkpointing``, which the model does not use, and it used to switch recomputation
+  on behind the YAML's back.
+* **Host syncs.** ``forward`` copies the batch with ``non_blocking``; our code reads nothing from
+  the device per micro-batch. DeepSpeed's ``step`` reads its overflow flag and gradient norm on
+  the host (its own syncs, once per step); the loop's one read (the step's metrics) happens
+  before it, so a step has two host syncs under DeepSpeed against one on the plain engine.
 * **Large models** are constructed under ``deepspeed.zero.Init`` (each rank only ever holds its
   shard); the custom initialisation is then applied one gathered parameter at a time.
+* **Non-finite gradients.** DeepSpeed's optimizers (ZeRO-1/2/3, bf16, fp16) compute the reduced
+  global gradient norm before the update and skip the update when it is not finite, in every
+  precision, from deepspeed 0.19.8 on; before that ZeRO-3 checked only in fp16 and applied NaN
+  steps. :func:`check_deepspeed_version` refuses older versions at start-up (``setup.py`` pins
+  the same range), and :meth:`DeepSpeedEngine.step` stops the run if a step is ever reported
+  applied with a non-finite norm, so a corrupted model is never trained on or saved.
 * **Checkpoints.** ``save`` writes DeepSpeed's sharded checkpoint (tag ``engine``), per-rank RNG
   states and ``engine_meta.json``. ``load`` on the same number of ranks restores everything
   exactly; on a different number it converts the checkpoint to DeepSpeed's *universal* format
@@ -31,12 +48,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import random
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -44,10 +62,12 @@ import torch.distributed as dist
 
 from megareweight.config import ConfigError, ExperimentConfig
 from megareweight.model import ModelArgs, Transformer, build_model, count_parameters
-from megareweight.train.engine import make_optimizer
+from megareweight.train.engine import apply_compile, make_optimizer, to_device
 from megareweight.train.objective import ReweightedLM
 
 AUTO = "auto"
+#: The oldest DeepSpeed whose every optimizer skips a step with a non-finite gradient norm.
+MIN_DEEPSPEED = "0.19.8"
 #: Build under ``zero.Init`` from this many parameters when ``zero_init`` is "auto" (the 1.4b and
 #: 7b sizes; a 125m model fits on every GPU before partitioning).
 ZERO_INIT_MIN_PARAMETERS = 500_000_000
@@ -86,6 +106,9 @@ def resolve_ds_config(raw: dict[str, Any], cfg: ExperimentConfig, world_size: in
     if "scheduler" in ds:
         raise ConfigError("DeepSpeed config: remove the 'scheduler' section; the learning-rate schedule comes "
                           "from optim.lr / optim.warmup_steps / optim.min_lr_ratio")
+    if "activation_checkpointing" in ds:
+        raise ConfigError("DeepSpeed config: remove the 'activation_checkpointing' section; activation checkpointing "
+                          "is set by model.activation_checkpointing (none, full, every_k, attention, ffn)")
     mbs, gas = cfg.data.micro_batch_size, cfg.train.gradient_accumulation_steps
     _fill(ds, "train_micro_batch_size_per_gpu", mbs, "data.micro_batch_size")
     _fill(ds, "gradient_accumulation_steps", gas, "train.gradient_accumulation_steps")
@@ -110,11 +133,20 @@ def resolve_ds_config(raw: dict[str, Any], cfg: ExperimentConfig, world_size: in
     return ds
 
 
-def _has_activation_checkpointing(raw: dict[str, Any]) -> bool:
-    return isinstance(raw.get("activation_checkpointing"), dict)
-
-
 # --- distributed set-up ----------------------------------------------------------------------------
+
+def check_deepspeed_version(version: Optional[str] = None) -> None:
+    """Refuse a DeepSpeed that may apply steps with non-finite gradients (see the module docstring)."""
+    from packaging.version import Version
+
+    if version is None:
+        import deepspeed
+
+        version = deepspeed.__version__
+    if Version(version) < Version(MIN_DEEPSPEED):
+        raise ConfigError(f"deepspeed {version} is installed; megareweight needs deepspeed>={MIN_DEEPSPEED} "
+                          "(older ZeRO-3 applies optimizer steps with NaN gradients outside fp16)")
+
 
 def init_distributed() -> None:
     """Initialise the process group once (gloo on CPU, NCCL on CUDA; DeepSpeed picks)."""
@@ -180,8 +212,7 @@ def init_partitioned_parameters(model: Transformer) -> None:
 class DeepSpeedEngine:
     """``PlainEngine``'s interface over ``deepspeed.initialize``; see the module docstring."""
 
-    def __init__(self, module: ReweightedLM, cfg: ExperimentConfig, ds_config: dict[str, Any],
-                 activation_checkpointing: bool = False):
+    def __init__(self, module: ReweightedLM, cfg: ExperimentConfig, ds_config: dict[str, Any]):
         import deepspeed
 
         init_distributed()
@@ -191,10 +222,10 @@ class DeepSpeedEngine:
         self.ds_config = ds_config
         self.stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
         self.name = f"deepspeed-zero{self.stage}"
-        if activation_checkpointing:
-            module.model.activation_checkpointing = True
-        if self.stage == 3:
-            deepspeed.zero.register_external_parameter(module, module.model.output_weight)
+        model = module.model
+        if self.stage == 3 and model.args.tie_embeddings:
+            deepspeed.zero.register_external_parameter(model.lm_head, model.embed.weight)
+        apply_compile(model, cfg.train.compile, hooks_every_module=self.stage == 3)
         optimizer = None if "optimizer" in ds_config else make_optimizer(module, cfg)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=module, optimizer=optimizer, model_parameters=None if optimizer else module.parameters(),
@@ -204,26 +235,40 @@ class DeepSpeedEngine:
 
     # -- step ----------------------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor], strategy: str, r: float):
-        return self.engine(batch["input_ids"].to(self.device), batch["labels"].to(self.device), strategy, r)
+        batch = to_device(batch, self.device)
+        return self.engine(batch["input_ids"], batch["labels"], strategy, r, segment_ids=batch.get("segment_ids"))
 
     def backward(self, loss: torch.Tensor) -> None:
         """Accumulate (DeepSpeed scales by 1/gas). Between boundaries DeepSpeed's ``step`` only
         advances its micro-step counter; the boundary step is :meth:`step`."""
         self.engine.backward(loss)
+        if self.stage == 3:
+            _trim_module_stack(self.engine.module)
         if not self.engine.is_gradient_accumulation_boundary():
             self.engine.step()
 
-    def step(self, lr: float) -> torch.Tensor:
+    def clip_gradients(self) -> None:
+        """DeepSpeed clips inside :meth:`step` (after its reduce-scatter): nothing to do here."""
+        return None
+
+    def step(self, lr: float, grad_norm: Optional[float] = None) -> float:
         """Set the rate, clip + step (DeepSpeed's clip equals torch's ``clip_grad_norm_``:
         scale by ``clip / (norm + 1e-6)`` when above). Returns the pre-clip global grad norm; inf
-        when DeepSpeed found non-finite gradients and skipped the update."""
+        when DeepSpeed found non-finite gradients and skipped the update. ``grad_norm`` is unused
+        (DeepSpeed computes the norm itself)."""
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
         self.engine.step()
         if not getattr(self.engine, "_step_applied", True):
-            return torch.tensor(float("inf"))
-        norm = self.engine.get_global_grad_norm()
-        return torch.as_tensor(float("nan") if norm is None else float(norm))
+            return float("inf")
+        norm = self.engine.get_global_grad_norm()  # already read on the host by DeepSpeed's step
+        if norm is None:  # zero_optimization.compute_grad_norm=false: nothing to report or check
+            return float("nan")
+        norm = float(norm)
+        if not math.isfinite(norm):
+            raise RuntimeError(f"DeepSpeed applied an optimizer step with gradient norm {norm}: the parameters "
+                               "may be corrupt; stopped without writing a checkpoint (resume from the last one)")
+        return norm
 
     def skip_step(self) -> None:
         """Discard this step's gradients without an optimizer update (keeps the micro-step count)."""
@@ -282,6 +327,22 @@ class DeepSpeedEngine:
             group.update({k: v for k, v in saved.items() if k != "lr"})
 
 
+def _trim_module_stack(root: torch.nn.Module) -> None:
+    """Drop what activation recomputation left on ZeRO-3's forward-module stack.
+
+    DeepSpeed 0.19.8 pushes a module on ``FWD_MODULE_STACK`` in its pre-forward hook and pops it
+    in the post-forward hook. Recomputation (non-reentrant checkpointing) stops inside the
+    sub-module being differentiated, so its post-forward hook never runs: a few entries per
+    checkpointed block and micro-batch, for the whole run. After a backward no forward is in
+    flight, so everything above the root module is stale.
+    """
+    from deepspeed.runtime.zero import parameter_offload
+
+    stack = getattr(parameter_offload, "FWD_MODULE_STACK", None)
+    if stack and stack[0] is root:
+        del stack[1:]
+
+
 def _convert_to_universal(source: Path, target: Path) -> None:
     """``python -m deepspeed.checkpoint.ds_to_universal`` in-process (one conversion per checkpoint)."""
     import argparse
@@ -322,6 +383,11 @@ class DeepSpeedEngineFactory:
             raise ConfigError(f"{path}: megareweight.zero_init must be \"auto\", true or false")
         self.stage = int(self.raw.get("zero_optimization", {}).get("stage", 0))
         self.built_under_zero_init = False
+        check_deepspeed_version()
+
+    def init_distributed(self) -> None:
+        """Create the process group before the run directory is claimed (the claim is collective)."""
+        init_distributed()
 
     def use_zero_init(self, args: ModelArgs) -> bool:
         if self.stage != 3:
@@ -349,7 +415,7 @@ class DeepSpeedEngineFactory:
         ds = resolve_ds_config(self.raw, cfg, dist.get_world_size())
         if self.built_under_zero_init:
             init_partitioned_parameters(module.model)
-        return DeepSpeedEngine(module, cfg, ds, activation_checkpointing=_has_activation_checkpointing(self.raw))
+        return DeepSpeedEngine(module, cfg, ds)
 
 
 def deepspeed_engine_factory(json_path: str | os.PathLike) -> DeepSpeedEngineFactory:

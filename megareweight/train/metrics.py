@@ -7,18 +7,45 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
 from megareweight.config import ExperimentConfig
 
 
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The rows of a metrics file; a line that is not a JSON row is dropped with a warning.
+
+    The usual culprit is a torn last line (the disk filled up or the job was killed in the middle
+    of a write); a resumed run rewrites every row after its checkpoint anyway, so dropping it
+    loses nothing, whereas refusing would block ``--resume`` until the file is edited by hand.
+    """
+    rows = []
+    lines = path.read_text(errors="replace").splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+        else:
+            where = "its last line" if number == len(lines) else f"line {number}"
+            warnings.warn(f"{path}: dropping {where}, which is not a complete JSON row (torn write?)")
+    return rows
+
+
 def truncate_jsonl(path: Path, after_step: int) -> None:
-    """Drop rows with ``step > after_step`` (a resumed run rewrites them)."""
+    """Drop rows with ``step > after_step`` (a resumed run rewrites them) and unreadable lines."""
     if not path.is_file():
         return
-    rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= after_step]
-    path.write_text("".join(r + "\n" for r in rows))
+    rows = [row for row in read_jsonl(path) if row["step"] <= after_step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
 
 
 def _histogram(values: Any, bins: int = 32) -> tuple:
@@ -32,8 +59,10 @@ def _histogram(values: Any, bins: int = 32) -> tuple:
 class MetricsLogger:
     """Writes metrics; a no-op on ranks other than 0."""
 
-    def __init__(self, out_dir: Path, cfg: ExperimentConfig, enabled: bool = True, resume_step: Optional[int] = None):
+    def __init__(self, out_dir: Path, cfg: ExperimentConfig, enabled: bool = True, resume_step: Optional[int] = None,
+                 wandb_id: Optional[str] = None):
         self.enabled = enabled
+        self.wandb_id = wandb_id
         self.out_dir = Path(out_dir)
         self.run = None
         if not enabled:
@@ -63,6 +92,12 @@ class MetricsLogger:
             mode=cfg.wandb.mode,
             config=cfg.to_dict(),
             reinit="finish_previous",
+            # The id comes from the run directory's run.json: a resumed run continues the same
+            # wandb run (wandb keeps the first value logged at a step, which an exact resume
+            # reproduces anyway).
+            id=self.wandb_id,
+            resume="allow" if self.wandb_id else None,
+            allow_val_change=True,  # a resume may change some config keys (README: Reliability)
         )
 
     def _write(self, path: Path, row: dict[str, Any]) -> None:
@@ -83,6 +118,12 @@ class MetricsLogger:
         import wandb
 
         self.run.log({f"train/{name}": wandb.Histogram(np_histogram=_histogram(values))}, step=step)
+
+    def eval_row(self, step: int) -> Optional[dict[str, Any]]:
+        """The evaluation row already logged at ``step`` (a resumed, finished run reuses it)."""
+        if not self.enabled or not self.eval_path.is_file():
+            return None
+        return next((row for row in read_jsonl(self.eval_path) if row["step"] == step), None)
 
     def log_eval(self, row: dict[str, Any]) -> None:
         if not self.enabled:

@@ -44,10 +44,27 @@ def _payloads(data: bytes) -> Iterator[bytes]:
 
 def find_run_file(wandb_dir: str | Path) -> Path:
     """The newest ``run-*.wandb`` under ``wandb_dir`` (searched recursively)."""
-    files = sorted(Path(wandb_dir).rglob("run-*.wandb"), key=lambda p: p.stat().st_mtime)
+    files = find_run_files(wandb_dir)
     if not files:
         raise FileNotFoundError(f"no run-*.wandb file under {wandb_dir}")
     return files[-1]
+
+
+def find_run_files(wandb_dir: str | Path) -> list[Path]:
+    """Every ``run-*.wandb`` under ``wandb_dir``, oldest first (a resumed run adds one per start)."""
+    return sorted(Path(wandb_dir).rglob("run-*.wandb"), key=lambda p: p.stat().st_mtime)
+
+
+def read_run_id(run_file: str | Path) -> str:
+    """The wandb run id recorded in an offline run file."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    for payload in _payloads(Path(run_file).read_bytes()):
+        record = pb.Record()
+        record.ParseFromString(payload)
+        if record.WhichOneof("record_type") == "run":
+            return record.run.run_id
+    raise ValueError(f"{run_file}: no run record")
 
 
 def read_history(run_file: str | Path) -> list[dict[str, Any]]:

@@ -1,0 +1,615 @@
+#!/usr/bin/env python
+"""The powered LM experiment: uniform vs LinUpper (r = 0.4 and r = 1.0), 5 paired seeds, held-out text.
+
+Question: does LinUpper instance reweighting (Sow et al., ICLR 2025) change a small LM's loss on
+text it was never trained on, and what does it cost in-domain? The demo (1.4 M parameters,
+0.5 M tokens, 3 seeds) cannot tell; this experiment is sized to be able to.
+
+Design (fixed before any result was seen; nothing here was tuned on the outcome):
+
+* model: LLaMA-style, ``model.size=small`` with d_model 192, 4 layers, 6 heads (head dim 32),
+  SwiGLU width 512, tied embeddings, vocabulary 4096 -> 2,557,632 parameters;
+* data: the six built-in domains (``/work/shared/corpus``), one 4096-piece BPE tokenizer trained on
+  them; trained on books, code, legal and math with a uniform mixture; dictionary and techdocs are
+  held out (never trained on), like the demo; plus Debian's ``fortunes`` (``heldout_text.py``),
+  which neither the tokenizer nor anyone's choices ever saw, scored with each run's tokenizer;
+* 1500 steps x 32 sequences x 128 tokens = 6,144,000 training tokens per run (under one epoch of
+  every trained domain); AdamW, lr 3e-3, 50 warm-up steps, cosine to 10 %;
+* methods: uniform; LinUpper r = 0.4; LinUpper r = 1.0 (delta = 1). Warm-up as in the seed
+  paper's trainers: plain mean loss (uniform weights) for the first K = 150 steps (10 %), then
+  the target r;
+* seeds 0..4: a seed fixes the initialisation AND the data order (sampler seed), shared by the
+  three methods, so differences are paired by seed;
+* evaluation every 125 steps on 160 fixed validation windows per domain (20,480 tokens), and at the
+  end on the first 250,000 tokens of the fortunes text.
+
+Reported (``report``): final loss per domain and averaged (trained, held-out), paired difference
+vs uniform with a 95 % t-interval (:mod:`megareweight.stats`), and the tokens-to-target ratio:
+the training tokens LinUpper needs to reach uniform's final loss (linear interpolation on its
+eval curve) divided by uniform's tokens; "not reached" when it never gets there.
+
+Commands (from the repository root, ``PYTHONPATH=.``):
+
+    python experiments/reweighting/lm.py measure   # tokens/s: 1 run x 2 threads vs 2 runs x 1 thread
+    python experiments/reweighting/lm.py run --jobs 2 --threads 1 --commit
+    python experiments/reweighting/lm.py report    # results.json, lm_results.md, plots
+
+``run`` is resumable at any point: finished runs are skipped, an interrupted run continues from
+its last checkpoint (every 100 steps; the trainer's resume reproduces the uninterrupted curve),
+and with ``--commit`` the report is rebuilt and committed after every finished run.
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from megareweight.stats import mean_ci, mean_ci_bands, paired_diff  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_WORK = REPO / "runs" / "reweighting_lm"
+DEFAULT_CORPUS = Path("/work/shared/corpus")
+TRAIN_DOMAINS = ["books", "code", "legal", "math"]
+HELDOUT_DOMAINS = ["dictionary", "techdocs"]
+EXTERNAL = "fortunes"
+SEEDS = 5
+STEPS = 1500
+WARMUP_STEPS = 150
+EXTERNAL_TOKENS = 250_000
+#: method name -> reweight section
+METHODS: dict[str, dict[str, Any]] = {
+    "uniform": {"strategy": "uniform"},
+    "linupper_r0.4": {"strategy": "linupper", "r": 0.4},
+    "linupper_r1.0": {"strategy": "linupper", "r": 1.0},
+}
+BASELINE = "uniform"
+#: Every run of this experiment trains and evaluates with the ``megareweight``/``kernels`` code of
+#: this commit (a snapshot under ``<work>/code-<commit>``), not with the working tree: the experiment
+#: spans sessions while the branch moves on (e.g. a sampler change would alter the data order),
+#: and the pairing "same initialisation and data order per seed" must hold across all 15 runs.
+#: It is the commit the first runs started from. To rerun with newer code, change it and use a
+#: fresh ``--work`` directory.
+CODE_COMMIT = "746fff9d01c727225552b584ecfc5d0ba4d690c2"
+
+
+def run_config(prepared: Path, method: str, seed: int, steps: int = STEPS) -> dict[str, Any]:
+    """The training config of one run (see the module docstring for why each value)."""
+    return {
+        "model": {"size": "small", "d_model": 192, "n_layers": 4, "n_heads": 6, "ffn_dim": 512},
+        "data": {"prepared": str(prepared), "mixture": "uniform", "train_domains": TRAIN_DOMAINS,
+                 "eval_domains": TRAIN_DOMAINS + HELDOUT_DOMAINS, "seq_len": 128, "micro_batch_size": 32,
+                 "eval_sequences": 160},
+        "reweight": {"delta": 1.0, "warmup_steps": WARMUP_STEPS, "warmup_mode": "uniform", **METHODS[method]},
+        "loss": {"impl": "reference"},  # ~15 % faster than chunked on CPU at V = 4096 (measured)
+        "optim": {"lr": 3e-3, "warmup_steps": 50, "min_lr_ratio": 0.1},
+        "train": {"seed": seed, "max_steps": steps, "eval_interval": 125, "checkpoint_interval": 100,
+                  "keep_checkpoints": 1, "histogram_interval": 0},
+        "wandb": {"mode": "disabled"},
+    }
+
+
+# --- preparation ------------------------------------------------------------------------------------
+
+def ensure_inputs(work: Path, corpus: Path) -> tuple[Path, Path]:
+    """Prepared six-domain data (vocab 4096) and the fortunes JSONL, built once under ``work``."""
+    from megareweight.data.shards import PreparedData, ShardError
+
+    prepared = work / "prepared"
+    try:
+        PreparedData.open(prepared)
+    except ShardError:
+        from megareweight.data.prepare import prepare
+
+        print(f"[lm] preparing {corpus} -> {prepared} (vocab 4096)", flush=True)
+        prepare(corpus, prepared, vocab_size=4096, progress=False)
+    external = work / "heldout" / f"{EXTERNAL}.jsonl"
+    if not external.is_file():
+        sys.path.insert(0, str(HERE))
+        from heldout_text import build
+
+        print(f"[lm] building the held-out text {external}", flush=True)
+        build(external.parent)
+    return prepared, external
+
+
+# --- running ----------------------------------------------------------------------------------------
+
+def run_dir(work: Path, method: str, seed: int) -> Path:
+    return work / "runs" / f"{method}-seed{seed}"
+
+
+def _same_values(asked: dict[str, Any], saved: dict[str, Any]) -> bool:
+    """Every key this experiment sets has the same value in the saved config (keys added to the
+    config schema later, with their defaults, do not make a finished run look different)."""
+    for key, value in asked.items():
+        if isinstance(value, dict):
+            if not isinstance(saved.get(key), dict) or not _same_values(value, saved[key]):
+                return False
+        elif saved.get(key) != value:
+            return False
+    return True
+
+
+def is_finished(out: Path, cfg: dict[str, Any]) -> bool:
+    """Finished = summary.json, the external eval, and the values this experiment asked for."""
+    if not ((out / "summary.json").is_file() and (out / "external_eval.json").is_file()):
+        return False
+    return _same_values(cfg, yaml.safe_load((out / "config.yaml").read_text()))
+
+
+def code_snapshot(work: Path, commit: str = CODE_COMMIT) -> Path:
+    """``git archive`` of ``megareweight/`` and ``kernels/`` at ``commit`` under ``work`` (once)."""
+    root = work / f"code-{commit[:12]}"
+    if (root / ".complete").is_file():
+        return root
+    tmp = work / f".code-{commit[:12]}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    archive = subprocess.run(["git", "archive", "--format=tar", commit, "megareweight", "kernels"], cwd=REPO,
+                             capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True)
+    (tmp / ".complete").write_text(commit + "\n")
+    if root.exists():
+        shutil.rmtree(root)
+    tmp.rename(root)
+    return root
+
+
+def trainer_alive(out: Path) -> bool:
+    """True while some process trains or scores into ``out`` (``megareweight.cli ... --out OUT`` or
+    ``--checkpoint OUT`` on its command line; Linux /proc). Covers processes that an earlier,
+    stopped invocation of this script left running."""
+    target = str(out.resolve())
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if "megareweight.cli" in args and any(a in ("--out", "--checkpoint") and b == target
+                                              for a, b in zip(args, args[1:])):
+            return True
+    return False
+
+
+def train_one(work: Path, prepared: Path, external: Path, method: str, seed: int, threads: int,
+              steps: int = STEPS) -> Optional[str]:
+    """Train (or resume) one run in a subprocess with ``threads`` torch threads, then score the
+    external text. Returns an error line or None.
+
+    A lock file in the run directory (``flock``, inherited by the trainer subprocess, released
+    when every holder exits) keeps two invocations of ``run`` from training the same run at once.
+    """
+    out = run_dir(work, method, seed)
+    cfg = run_config(prepared, method, seed, steps)
+    if is_finished(out, cfg):
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    lock = open(out / ".lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        print(f"[lm] {method} seed {seed}: another process is training it; skipped", flush=True)
+        return None
+    try:
+        while trainer_alive(out):  # left running by a stopped invocation: let it finish, then resume
+            time.sleep(10)
+        return _train_locked(out, cfg, external, method, seed, threads, lock.fileno(), code_snapshot(work))
+    finally:
+        lock.close()
+
+
+def _train_locked(out: Path, cfg: dict[str, Any], external: Path, method: str, seed: int, threads: int,
+                  lock_fd: int, code: Path) -> Optional[str]:
+    cfg_path = out / "requested_config.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    with open(out / "code_versions.jsonl", "a") as fh:
+        fh.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "commit": CODE_COMMIT}) + "\n")
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "PYTHONPATH": str(code), "WANDB_MODE": "disabled"}
+    log = open(out / "train.log", "a")
+    start = time.time()
+    trained = (out / "summary.json").is_file() and _same_values(cfg, yaml.safe_load((out / "config.yaml").read_text()))
+    if not trained:  # summary.json is written when training ends; then only scoring is left
+        print(f"[lm] {method} seed {seed}: training ({threads} thread(s)) -> {out}", flush=True)
+        train = subprocess.run([sys.executable, "-m", "megareweight.cli", "train", "--config", str(cfg_path),
+                                "--out", str(out), "--resume", "--quiet"], env=env, cwd=code, stdout=log,
+                               stderr=log, pass_fds=(lock_fd,))
+        if train.returncode != 0:
+            return f"{method} seed {seed}: train exited {train.returncode}, see {out / 'train.log'}"
+    score = subprocess.run([sys.executable, "-m", "megareweight.cli", "eval", "--checkpoint", str(out),
+                            "--data", str(external), "--max-tokens", str(EXTERNAL_TOKENS), "--batch-size", "32",
+                            "--json-out", str(out / "external_eval.json.tmp"), "--json", "--quiet"],
+                           env=env, cwd=code, stdout=log, stderr=log, pass_fds=(lock_fd,))
+    if score.returncode != 0:
+        return f"{method} seed {seed}: eval exited {score.returncode}, see {out / 'train.log'}"
+    os.replace(out / "external_eval.json.tmp", out / "external_eval.json")
+    print(f"[lm] {method} seed {seed}: done in {time.time() - start:.0f} s", flush=True)
+    return None
+
+
+def git_commit(paths: list[Path], message: str) -> None:
+    """Commit only ``paths`` (other staged work is left alone); retried while another git runs."""
+    rel = [str(p.resolve().relative_to(REPO)) for p in paths if p.exists()]
+    for attempt in range(5):
+        add = subprocess.run(["git", "add", "--", *rel], cwd=REPO, capture_output=True, text=True)
+        commit = subprocess.run(["git", "commit", "-q", "-m", message, "--", *rel], cwd=REPO,
+                                capture_output=True, text=True)
+        if add.returncode == 0 and (commit.returncode == 0 or "nothing" in commit.stdout + commit.stderr):
+            return
+        time.sleep(2 + 3 * attempt)
+    print(f"[lm] warning: could not commit results: {commit.stderr.strip()}", flush=True)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    work, out = Path(args.work).resolve(), Path(args.out)
+    prepared, external = ensure_inputs(work, Path(args.corpus))
+    queue = [(m, s) for s in range(args.seeds) for m in METHODS]  # seed-major: partial results stay paired
+    errors: list[str] = []
+
+    def job(item: tuple[str, int]) -> None:
+        method, seed = item
+        err = train_one(work, prepared, external, method, seed, args.threads, args.steps)
+        if err:
+            errors.append(err)
+            print(f"[lm] error: {err}", flush=True)
+            return
+        if args.commit:
+            written = write_report(work, out)
+            git_commit(written, f"experiments/reweighting: LM results after {method} seed {seed}")
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        list(pool.map(job, queue))
+    write_report(work, out)
+    for err in errors:
+        print(f"[lm] error: {err}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+def cmd_measure(args: argparse.Namespace) -> int:
+    """Tokens/s of this experiment's model: 1 run with 2 threads vs 2 concurrent runs with 1 thread."""
+    work = Path(args.work).resolve()
+    prepared, _ = ensure_inputs(work, Path(args.corpus))
+    results = []
+    for jobs, threads in ((1, 2), (2, 1)):
+        procs, outs = [], []
+        load_before = os.getloadavg()
+        start = time.time()
+        for j in range(jobs):
+            out = work / "measure" / f"jobs{jobs}-threads{threads}-{j}"
+            if out.exists():
+                shutil.rmtree(out)
+            out.mkdir(parents=True)
+            cfg = run_config(prepared, "linupper_r0.4", seed=j, steps=args.steps)
+            cfg["train"].update(eval_interval=0, checkpoint_interval=0)
+            cfg["reweight"]["warmup_steps"] = 0
+            (out / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(code_snapshot(work)),
+                   "WANDB_MODE": "disabled"}
+            procs.append(subprocess.Popen([sys.executable, "-m", "megareweight.cli", "train", "--config",
+                                           str(out / "cfg.yaml"), "--out", str(out), "--quiet"], env=env,
+                                          cwd=env["PYTHONPATH"]))
+            outs.append(out)
+        for p in procs:
+            p.wait()
+        wall = time.time() - start
+        tok_per_step = 32 * 128
+        medians = []
+        for out in outs:
+            rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+            medians.append(float(np.median([r["step_seconds"] for r in rows[3:]])))
+        total = sum(tok_per_step / m for m in medians)
+        results.append({"jobs": jobs, "threads_per_job": threads, "median_step_seconds": medians,
+                        "tokens_per_second_total": total, "wall_seconds": wall,
+                        "loadavg_before": load_before, "loadavg_after": os.getloadavg()})
+        print(f"[lm] {jobs} run(s) x {threads} thread(s): {total:,.0f} tokens/s in total "
+              f"(median step {', '.join(f'{m:.2f}' for m in medians)} s; load {load_before[0]:.1f})", flush=True)
+    path = Path(args.out) / "lm_throughput.json"
+    path.write_text(json.dumps({"machine": machine(), "steps": args.steps, "results": results}, indent=2) + "\n")
+    print(f"[lm] wrote {path}")
+    return 0
+
+
+# --- analysis ---------------------------------------------------------------------------------------
+
+def machine() -> str:
+    return f"{platform.machine()} {os.cpu_count()}-core CPU, no GPU ({platform.processor() or platform.platform()})"
+
+
+def load_run(work: Path, method: str, seed: int) -> Optional[dict[str, Any]]:
+    out = run_dir(work, method, seed)
+    if not ((out / "summary.json").is_file() and (out / "external_eval.json").is_file()):
+        return None
+    curve = [json.loads(x) for x in (out / "eval.jsonl").read_text().splitlines() if x.strip()]
+    summary = json.loads((out / "summary.json").read_text())
+    external = json.loads((out / "external_eval.json").read_text())
+    final = {k.split("/", 1)[1]: v for k, v in curve[-1].items() if k.startswith("loss/")}
+    final[EXTERNAL] = external[EXTERNAL]["loss"]
+    steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    versions_file = out / "code_versions.jsonl"
+    versions = [json.loads(x) for x in versions_file.read_text().splitlines() if x.strip()] if versions_file.is_file() else []
+    tokens_per_step = steps[0]["tokens"] / steps[0]["step"]
+    return {"method": method, "seed": seed, "final": final, "curve": curve, "seconds": summary["seconds"],
+            "tokens_per_second": tokens_per_step / float(np.median([r["step_seconds"] for r in steps])),
+            "code_versions": versions,
+            "parameters": summary["parameters"], "tokens": curve[-1]["tokens"],
+            "external_tokens": external[EXTERNAL]["tokens"]}
+
+
+def aggregate(final: dict[str, float], kind: str) -> float:
+    names = {"trained": TRAIN_DOMAINS, "heldout_builtin": HELDOUT_DOMAINS,
+             "heldout_all": HELDOUT_DOMAINS + [EXTERNAL]}[kind]
+    return float(np.mean([final[n] for n in names]))
+
+
+ROWS = [(d, "trained") for d in TRAIN_DOMAINS] + [(d, "held out") for d in HELDOUT_DOMAINS] + [
+    (EXTERNAL, "held out (external)"), ("avg trained", "trained"), ("avg held-out (dictionary, techdocs)", "held out"),
+    ("avg held-out (all three)", "held out")]
+AGG_KEYS = {"avg trained": "trained", "avg held-out (dictionary, techdocs)": "heldout_builtin",
+            "avg held-out (all three)": "heldout_all"}
+
+
+def value(run: dict[str, Any], row: str) -> float:
+    return aggregate(run["final"], AGG_KEYS[row]) if row in AGG_KEYS else run["final"][row]
+
+
+def tokens_to_target(curve: list[dict[str, Any]], key: str, target: float) -> Optional[float]:
+    """Training tokens at which ``curve[key]`` first reaches ``target`` (linear interpolation
+    between eval points); None when it never does."""
+    prev_t, prev_y = 0.0, None
+    for row in curve:
+        t, y = float(row["tokens"]), float(row[key])
+        if y <= target:
+            if prev_y is None or prev_y == y:
+                return t
+            return prev_t + (prev_y - target) / (prev_y - y) * (t - prev_t)
+        prev_t, prev_y = t, y
+    return None
+
+
+def curve_value(row: dict[str, Any], kind: str) -> float:
+    return float(row["avg_trained"] if kind == "trained" else row["avg_heldout"])
+
+
+def analyse(runs: dict[tuple[str, int], dict[str, Any]]) -> dict[str, Any]:
+    seeds = sorted({s for (m, s) in runs if m == BASELINE})
+    comparisons = {}
+    for method in METHODS:
+        if method == BASELINE:
+            continue
+        paired = [s for s in seeds if (method, s) in runs]
+        if not paired:
+            continue
+        rows = {}
+        for row, kind in ROWS:
+            base = [value(runs[BASELINE, s], row) for s in paired]
+            other = [value(runs[method, s], row) for s in paired]
+            diff = paired_diff(base, other)
+            rows[row] = {"kind": kind, "uniform": base, method: other, "diff": diff.to_dict(),
+                         "verdict": diff.verdict(a=BASELINE, b=method)}
+        ttt = {}
+        for kind, label in (("trained", "avg trained"), ("heldout", "avg held-out (dictionary, techdocs)")):
+            ratios = []
+            for s in paired:
+                base_curve, curve = runs[BASELINE, s]["curve"], runs[method, s]["curve"]
+                target = curve_value(base_curve[-1], kind)
+                reached = tokens_to_target(curve, "avg_trained" if kind == "trained" else "avg_heldout", target)
+                ratios.append(None if reached is None else reached / float(base_curve[-1]["tokens"]))
+            done = [r for r in ratios if r is not None]
+            m, lo, hi = mean_ci(done) if done else (float("nan"),) * 3
+            ttt[label] = {"per_seed": ratios, "reached": len(done), "mean": m, "low": lo, "high": hi}
+        comparisons[method] = {"seeds": paired, "rows": rows, "tokens_to_target": ttt}
+    return {"seeds_complete": seeds, "comparisons": comparisons}
+
+
+def markdown(analysis: dict[str, Any], runs: dict[tuple[str, int], dict[str, Any]]) -> str:
+    lines = []
+    for method, comp in analysis["comparisons"].items():
+        n = len(comp["seeds"])
+        lines += [f"### {method} vs uniform ({n} paired seed(s): {', '.join(map(str, comp['seeds']))})", "",
+                  "Final loss (nats/token; mean over seeds) and the paired difference "
+                  f"{method} - uniform with its 95 % t-interval (negative = {method} lower = better):", "",
+                  f"| domain | kind | uniform | {method} | difference [95 % CI] | verdict |", "|---|---|---|---|---|---|"]
+        for row, kind in ROWS:
+            r = comp["rows"][row]
+            d = r["diff"]
+            ci = f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]" if n > 1 else f"{d['mean']:+.4f}"
+            name = f"**{row}**" if row in AGG_KEYS else row
+            lines.append(f"| {name} | {kind} | {np.mean(r['uniform']):.4f} | {np.mean(r[method]):.4f} | {ci} | {r['verdict']} |")
+        lines += ["", "Tokens-to-target ratio (tokens this method needs to reach uniform's final loss / uniform's "
+                  "tokens; < 1 = faster; from the eval curves, linear interpolation):", ""]
+        for label, t in comp["tokens_to_target"].items():
+            per = ", ".join("not reached" if r is None else f"{r:.3f}" for r in t["per_seed"])
+            summary = (f"mean {t['mean']:.3f} [{t['low']:.3f}, {t['high']:.3f}]" if t["reached"] > 1
+                       else "no interval")
+            lines.append(f"- {label}: {summary} over the {t['reached']} seed(s) that reached it; per seed: {per}")
+        lines.append("")
+    seconds = [r["seconds"] for r in runs.values()]
+    if seconds:
+        speed = [r["tokens_per_second"] for r in runs.values()]
+        lines.append(f"Training time per run (incl. evaluation, {machine()}, shared with other jobs): "
+                     f"median {np.median(seconds):.0f} s, range {min(seconds):.0f}-{max(seconds):.0f} s; "
+                     f"training speed (median step) {min(speed):,.0f}-{max(speed):,.0f} tokens/s per run.")
+    return "\n".join(lines) + "\n"
+
+
+def plot(runs: dict[tuple[str, int], dict[str, Any]], analysis: dict[str, Any], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"uniform": "tab:blue", "linupper_r0.4": "tab:orange", "linupper_r1.0": "tab:green"}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for ax, (key, title) in zip(axes, (("avg_trained", "trained domains (avg of 4)"),
+                                       ("avg_heldout", "held-out dictionary + techdocs (avg)"))):
+        for method in METHODS:
+            curves = [runs[m, s]["curve"] for (m, s) in sorted(runs) if m == method]
+            if not curves:
+                continue
+            tokens = np.array([row["tokens"] for row in curves[0]]) / 1e6
+            ys = np.array([[row[key] for row in c] for c in curves])
+            mean, lo, hi = mean_ci_bands(ys)
+            ax.plot(tokens, mean, color=colors[method], label=f"{method} ({len(curves)} seeds)")
+            ax.fill_between(tokens, lo, hi, color=colors[method], alpha=0.2)
+        ax.set_title(f"validation loss: {title}")
+        ax.set_xlabel("training tokens (M)")
+        ax.set_ylabel("loss (nats/token), mean ± 95 % CI")
+        ax.set_ylim(top=min(ax.get_ylim()[1], 6.5))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    curves_png = out / "lm_curves.png"
+    fig.savefig(curves_png, dpi=110)
+    plt.close(fig)
+
+    comps = analysis["comparisons"]
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(ROWS) + 1.5))
+    labels = [row for row, _ in ROWS]
+    for i, (method, comp) in enumerate(comps.items()):
+        offs = (i - (len(comps) - 1) / 2) * 0.25
+        for j, row in enumerate(labels):
+            d = comp["rows"][row]["diff"]
+            y = len(labels) - 1 - j + offs
+            ax.plot([d["low"], d["high"]], [y, y], color=colors[method], lw=2)
+            ax.plot(d["mean"], y, "o", color=colors[method], label=method if j == 0 else None)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(range(len(labels)))
+    ax.set_yticklabels(labels[::-1])
+    ax.set_xlabel("final loss difference vs uniform (nats/token), paired by seed, 95 % t-interval")
+    ax.set_title("LinUpper - uniform (left of 0: LinUpper better)")
+    ax.grid(alpha=0.3, axis="x")
+    ax.legend()
+    fig.tight_layout()
+    diffs_png = out / "lm_differences.png"
+    fig.savefig(diffs_png, dpi=110)
+    plt.close(fig)
+    return [curves_png, diffs_png]
+
+
+def progress_note(work: Path) -> str:
+    """Unfinished runs: how far each got and, where a uniform run of the same seed reached the
+    same eval step, the paired difference there. Labelled as progress, not a result: one seed
+    mid-training says nothing with confidence, and the learning-rate schedule has not ended."""
+    lines, rows = [], {}
+    for seed in range(SEEDS):
+        for method in METHODS:
+            path = run_dir(work, method, seed) / "eval.jsonl"
+            if path.is_file() and load_run(work, method, seed) is None:
+                curve = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+                if curve:
+                    rows[method, seed] = curve
+    if not rows:
+        return ""
+    lines += ["## Runs in progress (not a result)", "",
+              "| run | last eval step | tokens | avg trained | avg held-out (dictionary, techdocs) | "
+              "minus uniform (same seed) at the last step both reached: trained / held-out |", "|---|---|---|---|---|---|"]
+    for (method, seed), curve in sorted(rows.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        last = curve[-1]
+        base = {r["step"]: r for r in rows.get((BASELINE, seed), [])}
+        common = [r for r in curve if r["step"] in base]
+        vs = "-"
+        if common and method != BASELINE:
+            mine, ref = common[-1], base[common[-1]["step"]]
+            vs = (f"{mine['avg_trained'] - ref['avg_trained']:+.4f} / {mine['avg_heldout'] - ref['avg_heldout']:+.4f} "
+                  f"(step {mine['step']})")
+        lines.append(f"| {method}-seed{seed} | {last['step']} of {STEPS} | {last['tokens']:,} | "
+                     f"{last['avg_trained']:.4f} | {last['avg_heldout']:.4f} | {vs} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(work: Path, out: Path) -> list[Path]:
+    """Rebuild results.json, lm_results.md and the plots from whatever runs are finished."""
+    runs = {}
+    for seed in range(SEEDS):
+        for method in METHODS:
+            run = load_run(work, method, seed)
+            if run is not None:
+                runs[method, seed] = run
+    out.mkdir(parents=True, exist_ok=True)
+    progress = progress_note(work)
+    if not any(m == BASELINE for m, _ in runs):
+        if not progress:
+            return []
+        path = out / "lm_results.md"
+        path.write_text(f"# LM experiment results (generated by `experiments/reweighting/lm.py report`)\n\n"
+                        f"0 of {SEEDS * len(METHODS)} runs finished: no result yet.\n\n{progress}")
+        return [path]
+    analysis = analyse(runs)
+    ext_manifest = work / "heldout" / f"{EXTERNAL}.manifest.json"
+    results = {
+        "machine": machine(),
+        "command": "python experiments/reweighting/lm.py run --jobs 2 --threads 1 && python experiments/reweighting/lm.py report",
+        "design": {"train_domains": TRAIN_DOMAINS, "heldout_domains": HELDOUT_DOMAINS, "external": EXTERNAL,
+                   "steps": STEPS, "warmup_steps_K": WARMUP_STEPS, "seeds_planned": SEEDS, "methods": METHODS,
+                   "config_uniform_seed0": run_config(work / "prepared", BASELINE, 0),
+                   "external_tokens": EXTERNAL_TOKENS},
+        "external_text": json.loads(ext_manifest.read_text()) if ext_manifest.is_file() else None,
+        "parameters": next(iter(runs.values()))["parameters"],
+        "runs": {f"{m}-seed{s}": {"final": r["final"], "seconds": r["seconds"], "tokens": r["tokens"],
+                                  "code_versions": r["code_versions"],
+                                  "tokens_per_second_median_step": r["tokens_per_second"],
+                                  "curve": [{k: v for k, v in row.items() if k.startswith(("tokens", "avg", "loss/"))}
+                                            for row in r["curve"]]}
+                 for (m, s), r in sorted(runs.items())},
+        **analysis,
+    }
+    paths = [out / "results.json", out / "lm_results.md"]
+    paths[0].write_text(json.dumps(results, indent=1) + "\n")
+    header = (f"# LM experiment results (generated by `experiments/reweighting/lm.py report`)\n\n"
+              f"{len(runs)} of {SEEDS * len(METHODS)} runs finished; model {results['parameters']:,} parameters, "
+              f"{next(iter(runs.values()))['tokens']:,} training tokens per run; {machine()}.\n\n")
+    paths[1].write_text(header + markdown(analysis, runs) + ("\n" + progress if progress else ""))
+    paths += plot(runs, analysis, out)
+    return paths
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    paths = write_report(Path(args.work), Path(args.out))
+    if not paths:
+        print("[lm] no run has started yet; nothing to report", file=sys.stderr)
+        return 1
+    print((Path(args.out) / "lm_results.md").read_text())
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--work", default=str(DEFAULT_WORK), help="runs, prepared data and held-out text (not in git)")
+    ap.add_argument("--out", default=str(HERE), help="where results.json, lm_results.md and plots go")
+    ap.add_argument("--corpus", default=str(DEFAULT_CORPUS), help="the six-domain corpus")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("run", help="train every (method, seed) not finished yet, then report")
+    p.add_argument("--seeds", type=int, default=SEEDS)
+    p.add_argument("--jobs", type=int, default=2, help="runs trained at the same time")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    p.add_argument("--commit", action="store_true", help="git-commit the report after every finished run")
+    p.add_argument("--steps", type=int, default=STEPS, help="steps per run (smoke tests only; results use the default)")
+    p = sub.add_parser("measure", help="tokens/s of the experiment's model for the two thread layouts")
+    p.add_argument("--steps", type=int, default=30)
+    sub.add_parser("report", help="results.json, lm_results.md and plots from the finished runs")
+    args = ap.parse_args()
+    if getattr(args, "seeds", SEEDS) > SEEDS or getattr(args, "seeds", 1) < 1:
+        ap.error(f"--seeds must be in [1, {SEEDS}]")
+    return {"run": cmd_run, "measure": cmd_measure, "report": cmd_report}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""The LM experiment's analysis (experiments/reweighting/lm.py) and held-out text builder, on
+synthetic inputs: the training itself is too long for `make test` (it runs the trainer, which
+tests/test_train.py covers)."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / "reweighting" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def lm():
+    yield _load("lm")
+    sys.modules.pop("lm", None)
+
+
+def test_tokens_to_target_interpolates_and_reports_never(lm):
+    curve = [{"tokens": 100, "x": 5.0}, {"tokens": 200, "x": 4.0}, {"tokens": 300, "x": 3.0}]
+    assert lm.tokens_to_target(curve, "x", 3.5) == pytest.approx(250.0)
+    assert lm.tokens_to_target(curve, "x", 4.0) == pytest.approx(200.0)
+    assert lm.tokens_to_target(curve, "x", 6.0) == pytest.approx(100.0)
+    assert lm.tokens_to_target(curve, "x", 2.9) is None
+
+
+def _run(method: str, seed: int, shift: float) -> dict:
+    final = {d: 3.0 + shift + 0.01 * seed for d in lm_domains()}
+    curve = [{"tokens": t, "avg_trained": 5.0 - t / 1000 + shift, "avg_heldout": 6.0 - t / 1000 - shift}
+             for t in (1000, 2000, 3000)]
+    return {"method": method, "seed": seed, "final": final, "curve": curve, "seconds": 1.0, "parameters": 10,
+            "tokens": 3000, "tokens_per_second": 1.0}
+
+
+def lm_domains() -> list[str]:
+    return ["books", "code", "legal", "math", "dictionary", "techdocs", "fortunes"]
+
+
+def test_analysis_pairs_by_seed_and_words_the_verdict(lm):
+    runs = {}
+    for seed in range(3):
+        runs["uniform", seed] = _run("uniform", seed, 0.0)
+        runs["linupper_r0.4", seed] = _run("linupper_r0.4", seed, 0.05 + 0.001 * seed)
+    res = lm.analyse(runs)
+    comp = res["comparisons"]["linupper_r0.4"]
+    assert comp["seeds"] == [0, 1, 2] and "linupper_r1.0" not in res["comparisons"]
+    row = comp["rows"]["avg trained"]
+    assert row["diff"]["mean"] == pytest.approx(0.051) and row["verdict"] == "uniform better"
+    # held-out curve is lower by 0.05 at every point: the target is reached 50 tokens earlier
+    ttt = comp["tokens_to_target"]
+    assert ttt["avg held-out (dictionary, techdocs)"]["per_seed"][0] == pytest.approx(2950 / 3000, rel=1e-3)
+    assert ttt["avg trained"]["per_seed"] == [None, None, None] and ttt["avg trained"]["reached"] == 0
+    text = lm.markdown(res, runs)
+    assert "| **avg trained** | trained |" in text and "not reached" in text
+
+
+def test_fortune_cookies_split_on_percent_lines():
+    heldout = _load("heldout_text")
+    assert heldout.cookies("a\n%\nb\nc\n%\n\n%\nd %\n") == ["a", "b\nc", "d %"]
+    sys.modules.pop("heldout_text", None)
