@@ -391,7 +391,7 @@ def write_report(out: Path, res: dict[str, Any]) -> None:
                                                 for d in res["domains"]) + " |")
         lines.append("")
     if "timings" in res:
-        lines += ["## Time", "", f"Wall time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in res["timings"].items())
+        lines += ["## Time", "", "Wall time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in res["timings"].items())
                   + f"; training seconds summed over all runs: {res.get('training_seconds', 0):.0f}.", ""]
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
