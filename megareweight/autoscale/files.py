@@ -14,13 +14,13 @@ each stage can run on another machine or day:
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from megareweight.json_files import read_json_file, write_json_atomic
 from megareweight.mixing.errors import MixingError
 
 PLAN_FILE = "plan.json"
@@ -59,16 +59,11 @@ def parse_tokens(text: str | float | int, what: str = "tokens") -> int:
 
 
 def read_json(path: Path, what: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise WorkflowError(f"{path}: {what} not found")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise WorkflowError(f"{path}: not valid JSON ({exc})") from None
+    return read_json_file(path, WorkflowError, f"{what} not found")
 
 
 def write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n")
+    write_json_atomic(path, obj)
 
 
 def write_weights_yaml(path: Path, weights: dict[str, float], header: str = "") -> None:
