@@ -1,38 +1,27 @@
 """``megareweight`` command line: corpus, prepare, train, demo, verify, model-info, mix.
 
-Exit codes (documented in the README):
-  0  success
-  1  the job failed while running (repeated non-finite steps, a checkpoint write that failed, ...)
-  2  bad input: configuration, command-line arguments, missing, corrupt or unwritable files, a busy
-     or foreign run directory, a resume the checkpoint cannot continue
-128+N  training stopped by signal N after writing a checkpoint (130 SIGINT, 143 SIGTERM, 138 SIGUSR1);
-     the message gives the command that resumes it. A second Ctrl-C aborts at once (130, no checkpoint).
-Errors of kind 1 and 2 are printed as one line ``megareweight: error: ...`` without a traceback
-(set ``MEGAREWEIGHT_DEBUG=1`` to see it).
+Exit codes (0 success, 1 failed while running, 2 bad input, 128+N stopped by signal N after a
+checkpoint) and the one-line error handling live in :mod:`megareweight.cli_errors`, which every
+entry point shares. Errors of kind 1 and 2 are printed as one line ``megareweight: error: ...``
+without a traceback (set ``MEGAREWEIGHT_DEBUG=1`` to see it). Subcommand modules (``train``,
+``mix``) never import this module: it imports them, one way only.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+from megareweight.cli_errors import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, OneLineParser,
+                                     UsageError, parse_and_run)
+from megareweight.train.__main__ import add_train_arguments
+
 #: ``model-info`` flags that override a named size's shapes, like the config's ``model.*`` keys.
 MODEL_SHAPE_KEYS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len")
 
-
-class UsageError(ValueError):
-    """Bad command-line input (exit code 2)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but its errors are one line like every other error (usage stays in ``--help``)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(EXIT_BAD_INPUT, f"megareweight: error: {self.prog}: {message} (see --help)\n")
+__all__ = ["main", "build_parser", "UsageError", "EXIT_OK", "EXIT_FAILED", "EXIT_BAD_INPUT", "EXIT_INTERRUPTED"]
 
 
 def positive_int(text: str) -> int:
@@ -159,26 +148,8 @@ def cmd_model_info(args: argparse.Namespace) -> int:
 
 # --- parser ---------------------------------------------------------------------------------------
 
-def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    """Arguments of ``megareweight train`` (shared with ``python -m megareweight.train``)."""
-    p.add_argument("--config", required=True, help="YAML experiment config")
-    p.add_argument("--out", required=True, help="output directory (metrics, checkpoints, wandb)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config value (repeatable), e.g. --set optim.lr=1e-3")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its newest intact checkpoint (starts fresh when there is none)")
-    p.add_argument("--resume-from", metavar="STEP|PATH", default=None,
-                   help="continue from this checkpoint (a step of --out's checkpoints, or a checkpoint directory)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start a new run even if --out holds another run (whose checkpoints, metrics and wandb "
-                        "files are removed)")
-    p.add_argument("--deepspeed", metavar="JSON", default=None, help="DeepSpeed config; runs under DeepSpeed")
-    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
-    p.add_argument("--quiet", action="store_true", help="no progress bars or banners")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="megareweight", description=__doc__.split("\n")[0])
+    parser = OneLineParser(prog="megareweight", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, fn: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
@@ -260,41 +231,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json-out", default=None, help="also write the JSON to this file")
     p.add_argument("--quiet", action="store_true")
 
-    from megareweight.mixing.cli import register as register_mix
+    from megareweight.autoscale.cli import register as register_mix
 
     register_mix(sub)
     return parser
 
 
-def _bad_input_types() -> tuple[type, ...]:
-    from megareweight.config import ConfigError
-    from megareweight.data.corpus import CorpusError
-    from megareweight.data.shards import ShardError
-
-    # PermissionError & co.: a path the user gave cannot be used (an unwritable --out, --json-out).
-    return (UsageError, ConfigError, CorpusError, ShardError, FileNotFoundError, ValueError, PermissionError,
-            IsADirectoryError, NotADirectoryError, FileExistsError)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help (0) or a bad argument (2, one line already printed)
-        return int(exc.code or 0)
-    if getattr(args, "quiet", False):
-        os.environ.setdefault("WANDB_SILENT", "true")
-    try:
-        return args.func(args)
-    except KeyboardInterrupt:
-        print("megareweight: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except Exception as exc:  # one line, no traceback; MEGAREWEIGHT_DEBUG=1 re-raises
-        if os.environ.get("MEGAREWEIGHT_DEBUG"):
-            raise
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"megareweight: error: {message}", file=sys.stderr)
-        return EXIT_BAD_INPUT if isinstance(exc, _bad_input_types()) else EXIT_FAILED
+    return parse_and_run(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from megareweight.mixing import (
     cap_by_availability,
     counts_to_weights,
     extrapolate,
+    extrapolate_partial,
     extrapolate_to,
 )
 
@@ -105,3 +106,26 @@ def test_caps_cascade_and_keep_total():
 def test_bad_inputs(call, match):
     with pytest.raises(MixingError, match=match):
         call()
+
+
+def test_extrapolate_partial_freezes_shares_and_extrapolates_the_rest():
+    n1, n2 = np.array([10.0, 600.0, 390.0]), np.array([667.0, 800.0, 533.0])
+    out = extrapolate_partial(n1, n2, 8000, [0.3, np.nan, np.nan])
+    assert out[0] == pytest.approx(2400.0) and out.sum() == pytest.approx(8000)
+    assert out[1:] == pytest.approx(extrapolate_to(n1[1:], n2[1:], 5600))
+    no_frozen = extrapolate_partial(n1, n2, 8000, [np.nan] * 3)
+    assert no_frozen == pytest.approx(extrapolate_to(n1, n2, 8000))
+    assert extrapolate_partial(n1, n2, 8000, [0.2, 0.5, 0.3]) == pytest.approx([1600, 4000, 2400])
+
+
+@pytest.mark.parametrize("shares, match", [([0.2, 0.5, 0.2], "sum to 0.9, not 1"), ([0.6, 0.5, np.nan], "nothing is left"),
+                                           ([-0.1, np.nan, np.nan], ">= 0"), ([0.1, np.nan], "one entry per domain")])
+def test_extrapolate_partial_bad_shares(shares, match):
+    with pytest.raises(MixingError, match=match):
+        extrapolate_partial([10.0, 600.0, 390.0], [667.0, 800.0, 533.0], 8000, shares)
+
+
+def test_extrapolate_partial_free_domains_must_grow():
+    with pytest.raises(MixingError, match="free domains"):
+        extrapolate_partial([100.0, 500.0, 400.0], [1500.0, 300.0, 200.0], 8000, [0.75, np.nan, np.nan],
+                            names=["a", "b", "c"])

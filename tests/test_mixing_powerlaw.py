@@ -16,7 +16,7 @@ from megareweight.mixing import (
     fit_power_law,
     solve_ddo,
 )
-from megareweight.mixing.powerlaw import interpolating_power_laws
+from megareweight.mixing.powerlaw import interpolating_power_laws, shape_problem
 
 X3 = np.array([0.2, 1.0, 3.0])          # AutoScale's perturbation levels
 XN = np.array([0.1, 0.2, 0.5, 1.0, 2.0, 3.0, 5.0])
@@ -191,3 +191,27 @@ def test_fit_domain_curves_errors_name_the_domain():
         fit_domain_curves([[0.2, 1, 3], [0.2, 1, 3]], [[3, 2, 1.5]])
     with pytest.warns(MixingWarning, match="domain 'b'"):
         fit_domain_curves([[0.2, 1, 3], [0.2, 1, 3]], [[1.1, 1.0, 0.97], [3.0, 2.95, 2.0]], names=["a", "b"])
+
+
+@pytest.mark.parametrize("x, y, expect", [
+    (X3, np.array([3.0, 2.0, 1.5]) / 30, None),
+    (X3, [1.001, 1.0, 0.95], "concave"),                      # falls faster at larger x
+    ([1.0, 2.0, 3.0], [3.0, 2.0, 1.0], "concave"),            # a straight line is not a power law either
+    (X3, [0.99, 1.0, 1.01], "not decreasing"),
+    (X3, [1.0, 1.0, 0.99], "not decreasing"),
+    (X3, [1.0, 0.98, 0.99], "not decreasing"),
+    ([0.25, 0.5, 1, 2, 4], [1.1, 1.05, 1.0, 0.98, 0.97], None),   # 5 points: judged on 0.25, 1, 4
+    ([0.25, 0.5, 1, 2, 4], [1.1, 1.2, 1.0, 0.98, 0.97], None),    # a bump between them is the regression's job
+    ([0.25, 0.5, 1, 2, 4], [1.01, 1.05, 1.0, 0.98, 0.94], "concave"),
+])
+def test_shape_problem(x, y, expect):
+    assert shape_problem(x, y) == expect
+    if expect is None and len(x) == 3:
+        fit_power_law(x, y)                                     # what passes is interpolated exactly
+
+
+def test_shape_problem_refuses_malformed_input():
+    with pytest.raises(FitError, match="must be > 0"):
+        shape_problem([0.0, 1.0, 2.0], [1.0, 0.9, 0.8])
+    with pytest.raises(FitError, match="3 distinct"):
+        shape_problem([1.0, 1.0, 2.0], [1.0, 0.9, 0.8])

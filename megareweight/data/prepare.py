@@ -37,9 +37,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
-import json
 import multiprocessing
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -52,6 +50,7 @@ from tqdm import tqdm
 from megareweight.data.corpus import PathLike, RawBatch, decode_batch, iter_raw_batches, resolve_domains
 from megareweight.data.shards import FORMAT_VERSION, MANIFEST, SPLITS, ShardWriter, dtype_for_vocab, sha256_file
 from megareweight.data.tokenizer import Tokenizer, balanced_sample, load_tokenizer, tokenizer_kind, train_tokenizer
+from megareweight.json_files import read_json_file, write_json_atomic
 
 PLAN = "prepare_plan.json"
 PARTS = "parts"
@@ -84,20 +83,8 @@ def in_validation(text: str, fraction: float) -> bool:
     return int.from_bytes(digest, "little") < int(fraction * 2**64)
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    """Write atomically (a reader never sees half a file; a killed writer leaves no file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
 def _read_json(path: Path, hint: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise PrepareError(f"{path}: not found ({hint})")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise PrepareError(f"{path}: not valid JSON ({exc})") from None
+    return read_json_file(path, PrepareError, f"not found ({hint})")
 
 
 # --- step 1: init ---------------------------------------------------------------------------------
@@ -159,7 +146,7 @@ def init_preparation(
         "seed": seed,
         "domains": {d: [str(p.resolve()) for p in paths] for d, paths in files.items()},
     }
-    _write_json(out / PLAN, plan)
+    write_json_atomic(out / PLAN, plan)
     return plan
 
 
@@ -329,7 +316,7 @@ def prepare_part(out_dir: PathLike, index: int = 0, count: int = 1, workers: int
             total += sum(e["tokens"] for e in entries.values() if e)
     seconds = time.time() - start
     (out / PARTS).mkdir(exist_ok=True)
-    _write_json(out / PARTS / f"{name}.json", record)
+    write_json_atomic(out / PARTS / f"{name}.json", record)
     if progress:
         print(f"  part {name}: {total:,} tokens in {seconds:.1f} s ({total / max(seconds, 1e-9) / 1e6:.2f} M tokens/s, "
               f"{workers} worker{'s' if workers > 1 else ''})")
@@ -381,7 +368,7 @@ def merge_parts(out_dir: PathLike, progress: bool = True) -> dict[str, Any]:
             entry = manifest["domains"][domain]
             print(f"  {domain:<12} train {entry['train']['tokens']:>12,} tokens  valid {entry['valid']['tokens']:>11,} "
                   f"tokens  {len(entry['train']['shards'])} shard(s)")
-    _write_json(out / MANIFEST, manifest)
+    write_json_atomic(out / MANIFEST, manifest)
     return manifest
 
 

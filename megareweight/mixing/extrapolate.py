@@ -13,7 +13,10 @@ Two practical gaps in that rule are closed here:
 * it ignores how much data each domain has. With ``available`` and ``max_epochs``, each domain is
   capped at ``available_i * max_epochs`` tokens, the excess goes to the uncapped domains in
   proportion to their counts (the total is kept), and a :class:`MixingWarning` names the domains
-  that would otherwise repeat their data beyond the allowed number of epochs.
+  that would otherwise repeat their data beyond the allowed number of epochs;
+* it assumes every optimum is interior. :func:`extrapolate_partial` keeps domains whose optimum
+  sat on a bound, or that could not be fitted, at a fixed share instead of compounding a ratio
+  that only reflects the bound.
 """
 from __future__ import annotations
 
@@ -160,6 +163,49 @@ def extrapolate_to(n1: ArrayLike, n2: ArrayLike, target_tokens: float, *, availa
         t = brentq(gap, 1.0, hi, xtol=1e-15, rtol=4 * np.finfo(float).eps, maxiter=500)
     out = counts(t)
     out *= target / out.sum()       # remove the last rounding error so the total is exact
+    if available is not None:
+        out = cap_by_availability(out, available, max_epochs, names)
+    return out
+
+
+def extrapolate_partial(n1: ArrayLike, n2: ArrayLike, target_tokens: float, frozen_shares: ArrayLike, *,
+                        available: ArrayLike | None = None, max_epochs: float = DEFAULT_MAX_EPOCHS,
+                        names: Sequence[str] | None = None) -> np.ndarray:
+    """:func:`extrapolate_to` for the free domains; the others keep a fixed share of the total.
+
+    ``frozen_shares[i]`` is NaN for a free domain and the share of ``target_tokens`` to give
+    domain ``i`` otherwise. Why: the rule ``N_i(t) = N_i(1) (N_i(2)/N_i(1))^(t-1)`` reads a trend
+    into two interior optima. A domain whose optimum sat on a bound, or that was held at its base
+    amount because its runs showed no usable effect, has no such trend: the ratio of its two
+    amounts says where the bound or the base was, not where its optimum is going, and compounding
+    it explodes (a domain going from a floor of 0.01 to its base amount grows 100-fold per budget
+    step). Such domains keep the share they had at the larger budget; the free domains follow the
+    rule among themselves, filling the rest. With no free domain the shares are returned scaled to
+    the target (they must then sum to 1). Capping by ``available`` applies to the result.
+    """
+    a, b = _pair(n1, n2)
+    target = positive_scalar("target_tokens", target_tokens)
+    shares = np.asarray(frozen_shares, dtype=float)
+    if shares.shape != a.shape:
+        raise MixingError(f"frozen_shares must have one entry per domain ({a.size}), got shape {shares.shape}")
+    frozen = ~np.isnan(shares)
+    if (shares[frozen] < 0).any() or not np.all(np.isfinite(shares[frozen])):
+        raise MixingError("frozen shares must be finite and >= 0")
+    fixed = float(shares[frozen].sum())
+    out = np.zeros_like(a)
+    out[frozen] = shares[frozen] * target
+    if frozen.all():
+        if abs(fixed - 1.0) > 1e-9:
+            raise MixingError(f"every domain is frozen but their shares sum to {fixed:.6g}, not 1")
+    else:
+        if fixed >= 1.0:
+            raise MixingError(f"frozen shares sum to {fixed:.6g}: nothing is left for the free domains")
+        free_names = None if names is None else [n for n, f in zip(names, frozen) if not f]
+        try:
+            out[~frozen] = extrapolate_to(a[~frozen], b[~frozen], target * (1.0 - fixed))
+        except MixingError as exc:
+            raise MixingError(f"free domains {free_names if free_names else np.flatnonzero(~frozen).tolist()}: "
+                              f"{exc}") from None
     if available is not None:
         out = cap_by_availability(out, available, max_epochs, names)
     return out

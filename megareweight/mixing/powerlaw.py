@@ -76,8 +76,8 @@ def _jac(p: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.column_stack([-p[1] * t / xa, -t * np.log(xa), np.ones_like(x)])
 
 
-def _check_points(x: np.ndarray, y: np.ndarray) -> None:
-    """Refuse data from which a decreasing power law cannot be identified."""
+def _distinct_means(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct ``x`` (sorted) and the mean loss at each; refuses malformed points."""
     if x.shape != y.shape:
         raise FitError(f"x and losses must have the same length, got {x.size} and {y.size}")
     if x.size < 3:
@@ -89,7 +89,12 @@ def _check_points(x: np.ndarray, y: np.ndarray) -> None:
     xs = np.unique(x)
     if xs.size < 3:
         raise FitError(f"need at least 3 distinct data amounts, got {xs.tolist()}")
-    means = np.array([y[x == v].mean() for v in xs])
+    return xs, np.array([y[x == v].mean() for v in xs])
+
+
+def _check_points(x: np.ndarray, y: np.ndarray) -> None:
+    """Refuse data from which a decreasing power law cannot be identified."""
+    xs, means = _distinct_means(x, y)
     if xs.size == 3 and not np.all(np.diff(means) < 0):
         raise FitError(f"loss is not decreasing as data grows: x={xs.tolist()} -> losses={means.tolist()}")
     if means[-1] >= means[0]:
@@ -230,6 +235,41 @@ def _summary_points(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarra
     px = np.array([xs[0], mid, xs[-1]])
     py = np.array([y[x == v].mean() for v in px])
     return (px, py) if np.all(np.diff(py) < 0) else None
+
+
+def shape_problem(x: ArrayLike, losses: ArrayLike) -> str | None:
+    """Why a decreasing convex power law cannot describe these points, or ``None`` if it can.
+
+    AutoScale's model needs each domain's loss to fall as its data grows, and to fall more slowly
+    at larger ``x`` (``(x + a)^(-b)`` is convex). Noisy runs often violate one or the other, and a
+    curve forced through such points sends DDO to a corner (a near-linear curve puts every token
+    on one domain). The check is on the mean loss at each distinct ``x``; with more than 3 of them
+    it uses the smallest, the (geometrically) middle and the largest, the points that decide the
+    curve's overall shape. Reasons returned:
+
+    * ``"not decreasing"``: the loss does not fall strictly from one ``x`` to the next;
+    * ``"concave"``: it falls at least as fast per unit of ``x`` between the upper two points as
+      between the lower two (a straight line or worse).
+
+    Points that pass can still be too steep for the model, which has no amplitude factor:
+    :func:`fit_power_law` then warns and returns a least-squares curve that misses them.
+
+    Raises :class:`FitError` only for malformed input (lengths, non-finite values, ``x <= 0``,
+    losses ``<= 0``).
+    """
+    try:
+        xv = as_vector("x", x)
+        yv = as_vector("losses", losses)
+    except MixingError as exc:
+        raise FitError(str(exc)) from None
+    xs, means = _distinct_means(xv, yv)
+    mid = 1 + int(np.argmin(np.abs(np.log(xs[1:-1]) - 0.5 * np.log(xs[0] * xs[-1]))))
+    px, py = xs[[0, mid, -1]], means[[0, mid, -1]]
+    if not np.all(np.diff(py) < 0):
+        return "not decreasing"
+    if (py[0] - py[1]) * (px[2] - px[1]) <= (py[1] - py[2]) * (px[1] - px[0]):
+        return "concave"
+    return None
 
 
 def fit_power_law(x: ArrayLike, losses: ArrayLike, *, robust: bool | None = None,

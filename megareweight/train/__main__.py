@@ -1,7 +1,10 @@
 """``python -m megareweight.train`` — the entry point the DeepSpeed launcher runs on every rank.
 
 ``deepspeed --num_accelerators 2 --module megareweight.train --config C.yaml --deepspeed
-ds_configs/zero3_cpu_tiny.json --out DIR`` and ``megareweight train ...`` share this code.
+ds_configs/zero3_cpu_tiny.json --out DIR`` and ``megareweight train ...`` share this code: the
+top-level CLI takes :func:`add_train_arguments` and :func:`run_training` from here, and this module
+imports only :mod:`megareweight.cli_errors` (exit codes), never :mod:`megareweight.cli`, so there
+is no import circle.
 """
 from __future__ import annotations
 
@@ -10,6 +13,26 @@ import os
 import shlex
 import sys
 from typing import Optional, Sequence
+
+from megareweight.cli_errors import OneLineParser, UsageError, parse_and_run
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``megareweight train`` (shared with ``python -m megareweight.train``)."""
+    p.add_argument("--config", required=True, help="YAML experiment config")
+    p.add_argument("--out", required=True, help="output directory (metrics, checkpoints, wandb)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value (repeatable), e.g. --set optim.lr=1e-3")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its newest intact checkpoint (starts fresh when there is none)")
+    p.add_argument("--resume-from", metavar="STEP|PATH", default=None,
+                   help="continue from this checkpoint (a step of --out's checkpoints, or a checkpoint directory)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run even if --out holds another run (whose checkpoints, metrics and wandb "
+                        "files are removed)")
+    p.add_argument("--deepspeed", metavar="JSON", default=None, help="DeepSpeed config; runs under DeepSpeed")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
+    p.add_argument("--quiet", action="store_true", help="no progress bars or banners")
 
 
 def resume_command(args: argparse.Namespace) -> str:
@@ -27,7 +50,6 @@ def resume_command(args: argparse.Namespace) -> str:
 
 
 def run_training(args: argparse.Namespace) -> int:
-    from megareweight.cli import UsageError
     from megareweight.config import load_config
     from megareweight.train.loop import train
     from megareweight.train.signals import StoppedBySignal
@@ -55,12 +77,9 @@ def run_training(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from megareweight.cli import add_train_arguments, main as cli_main
-
-    parser = argparse.ArgumentParser(prog="python -m megareweight.train")
+    parser = OneLineParser(prog="python -m megareweight.train")
     add_train_arguments(parser)
-    parser.parse_known_args(argv)  # validate early: --help and missing arguments
-    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+    return parse_and_run(parser, sys.argv[1:] if argv is None else argv, run_training)
 
 
 if __name__ == "__main__":

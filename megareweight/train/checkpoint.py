@@ -47,6 +47,8 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 
+from megareweight.json_files import write_text_atomic
+
 COMPLETE = "COMPLETE"
 LATEST = "latest"
 STATE = "trainer_state.json"
@@ -72,15 +74,6 @@ def step_of(path: Path) -> int:
     if not match:
         raise CheckpointError(f"{path}: not a checkpoint directory name (expected step_NNNNNNNN)")
     return int(match.group(2))
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def _manifest(directory: Path) -> dict[str, int]:
@@ -144,10 +137,10 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
 
     def commit() -> None:
-        _atomic_write_text(tmp / STATE, json.dumps(state))
+        write_text_atomic(tmp / STATE, json.dumps(state), durable=True)
         for filename, source in extra_files:
             shutil.copyfile(source, tmp / filename)
-        _atomic_write_text(tmp / COMPLETE, json.dumps({"step": step, "files": _manifest(tmp)}))
+        write_text_atomic(tmp / COMPLETE, json.dumps({"step": step, "files": _manifest(tmp)}), durable=True)
         old = root / f".old_{name}"
         if final.exists():  # the same step written again (e.g. a second stop at the same step)
             shutil.rmtree(old, ignore_errors=True)
@@ -155,7 +148,7 @@ def save_checkpoint(
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
         if kind == REGULAR:
-            _atomic_write_text(root / LATEST, name)
+            write_text_atomic(root / LATEST, name, durable=True)
 
     phase(prepare, is_writer)
     phase(lambda: write_engine(tmp))

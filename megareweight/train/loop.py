@@ -376,8 +376,10 @@ def _train(cfg: ExperimentConfig, out: Path, factory: Callable[[ReweightedLM, Ex
     else:  # resumed after the final checkpoint: the final evaluation is already logged
         last_eval = {k.split("/", 1)[1]: v for k, v in eval_row.items() if k.startswith("loss/")}
     seconds = time.time() - start_time
+    # tokens_per_domain: what the sampler actually drew (domains are drawn per slot at random, so
+    # it differs from mixture x tokens); AutoScale's fit (megareweight.autoscale) reads it.
     logger.finish({**eval_row, "seconds": seconds, "loss_impl": loss_name, "parameters": n_params,
                    "skipped_steps": skipped, "engine": engine.name, "world_size": engine.world_size,
                    "device": device_name(engine.device), "flops_per_token": meter.flops_per_token,
-                   "peak_tflops": meter.peak_tflops})
+                   "peak_tflops": meter.peak_tflops, "tokens_per_domain": sampler.tokens_consumed()})
     return TrainResult(out, total_steps, meter.tokens, seconds, loss_name, last_eval, skipped, is_main)
