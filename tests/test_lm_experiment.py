@@ -4,6 +4,7 @@ tests/test_train.py covers)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -68,3 +69,24 @@ def test_fortune_cookies_split_on_percent_lines():
     heldout = _load("heldout_text")
     assert heldout.cookies("a\n%\nb\nc\n%\n\n%\nd %\n") == ["a", "b\nc", "d %"]
     sys.modules.pop("heldout_text", None)
+
+
+def test_committed_runs_are_reused_only_with_the_pinned_code_and_steps(lm, tmp_path):
+    """A new machine (no work directory) reports runs recorded in the committed results.json and
+    does not train them again, but only those trained with CODE_COMMIT and the current steps."""
+    def record(commit: str) -> dict:
+        return {"final": {d: 3.0 for d in lm_domains()}, "seconds": 5.0, "tokens": 3000,
+                "code_versions": [{"time": "t", "commit": commit}], "tokens_per_second_median_step": 7.0,
+                "curve": [{"tokens": 3000, "avg_trained": 3.0, "avg_heldout": 3.0}]}
+
+    saved = {"design": {"steps": lm.STEPS, "external_tokens": 250000}, "parameters": 10,
+             "runs": {"uniform-seed0": record(lm.CODE_COMMIT), "linupper_r0.4-seed0": record("0" * 40),
+                      "unknown_method-seed0": record(lm.CODE_COMMIT)}}
+    (tmp_path / "results.json").write_text(json.dumps(saved))
+    runs = lm.committed_runs(tmp_path)
+    assert list(runs) == [("uniform", 0)]
+    assert runs["uniform", 0]["tokens_per_second"] == 7.0 and runs["uniform", 0]["parameters"] == 10
+    saved["design"]["steps"] = lm.STEPS + 1  # another design: nothing is reused
+    (tmp_path / "results.json").write_text(json.dumps(saved))
+    assert lm.committed_runs(tmp_path) == {}
+    assert lm.committed_runs(tmp_path / "missing") == {}

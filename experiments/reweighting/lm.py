@@ -277,7 +277,9 @@ def run_order(work: Path, seeds: int, first: list[str]) -> list[tuple[str, int]]
 def cmd_run(args: argparse.Namespace) -> int:
     work, out = Path(args.work).resolve(), Path(args.out)
     prepared, external = ensure_inputs(work, Path(args.corpus))
-    queue = run_order(work, args.seeds, args.first.split(",") if args.first else [])
+    done = committed_runs(out)
+    queue = [item for item in run_order(work, args.seeds, args.first.split(",") if args.first else [])
+             if item not in done or (run_dir(work, *item) / "checkpoints" / "latest").exists()]
     errors: list[str] = []
 
     def job(item: tuple[str, int]) -> None:
@@ -367,6 +369,35 @@ def load_run(work: Path, method: str, seed: int) -> Optional[dict[str, Any]]:
             "code_versions": versions,
             "parameters": summary["parameters"], "tokens": curve[-1]["tokens"],
             "external_tokens": external[EXTERNAL]["tokens"]}
+
+
+def committed_runs(out: Path) -> dict[tuple[str, int], dict[str, Any]]:
+    """Finished runs recorded in the committed ``results.json`` that were trained with
+    ``CODE_COMMIT`` and the current number of steps, in :func:`load_run`'s format.
+
+    Why: the experiment spans sessions, and the work directory (checkpoints, logs) is not in git;
+    on a new machine or after the work directory is lost, these runs are reported as they are and
+    not trained again, so only the missing ones cost compute.
+    """
+    path = out / "results.json"
+    if not path.is_file():
+        return {}
+    saved = json.loads(path.read_text())
+    if saved.get("design", {}).get("steps") != STEPS:
+        return {}
+    runs = {}
+    for name, rec in saved.get("runs", {}).items():
+        method, _, seed = name.rpartition("-seed")
+        versions = rec.get("code_versions") or []
+        if method not in METHODS or not seed.isdigit() or not versions:
+            continue
+        if any(v.get("commit") != CODE_COMMIT for v in versions):
+            continue
+        runs[method, int(seed)] = {"method": method, "seed": int(seed), "final": rec["final"], "curve": rec["curve"],
+                                   "seconds": rec["seconds"], "tokens_per_second": rec["tokens_per_second_median_step"],
+                                   "code_versions": versions, "parameters": saved["parameters"],
+                                   "tokens": rec["tokens"], "external_tokens": saved["design"].get("external_tokens")}
+    return runs
 
 
 def aggregate(final: dict[str, float], kind: str) -> float:
@@ -553,7 +584,7 @@ def progress_note(work: Path) -> str:
 
 def write_report(work: Path, out: Path) -> list[Path]:
     """Rebuild results.json, lm_results.md and the plots from whatever runs are finished."""
-    runs = {}
+    runs = committed_runs(out)  # runs finished in earlier sessions, possibly on another machine
     for seed in range(SEEDS):
         for method in METHODS:
             run = load_run(work, method, seed)
