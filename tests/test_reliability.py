@@ -261,3 +261,21 @@ def test_malformed_fault_switch_is_a_one_line_error(prepared_dir, tmp_path, monk
     assert main(["train", "--config", str(path), "--out", str(tmp_path / "o"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{variable}={value!r}: expected STEP:RANK" in err[0], err
+
+
+def test_native_abort_in_a_rank_prints_every_threads_python_stack():
+    """A rank killed by ``std::terminate`` (SIGABRT) in a native library leaves the Python stacks of
+    all its threads in the launcher log, and still dies with the signal (the launcher sees -6)."""
+    code = ("import os, threading, time\n"
+            "from megareweight.train.__main__ import enable_native_crash_tracebacks\n"
+            "enable_native_crash_tracebacks()\n"
+            "threading.Thread(target=time.sleep, args=(60,), name='prefetch', daemon=True).start()\n"
+            "def collective_in_flight():\n"
+            "    os.abort()\n"
+            "collective_in_flight()\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONFAULTHANDLER": ""})
+    assert proc.returncode == -signal.SIGABRT
+    assert "Fatal Python error: Aborted" in proc.stderr
+    assert "Current thread 0x" in proc.stderr and "collective_in_flight" in proc.stderr  # the aborting one
+    assert "\nThread 0x" in proc.stderr  # and the other threads

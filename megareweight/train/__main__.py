@@ -9,6 +9,7 @@ is no import circle.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
 import shlex
 import sys
@@ -49,6 +50,21 @@ def resume_command(args: argparse.Namespace) -> str:
     return shlex.join(["megareweight", "train", *parts])
 
 
+def enable_native_crash_tracebacks() -> None:
+    """Print every thread's Python stack when this rank dies in native code (SIGSEGV, SIGABRT, ...).
+
+    A rank killed by a C++ ``std::terminate`` in a communication library otherwise leaves one line
+    ("terminate called ...") in the launcher log; with the stacks the log says which collective or
+    thread it was in. The handler re-raises the signal, so the exit status is unchanged.
+    """
+    if faulthandler.is_enabled():
+        return
+    try:
+        faulthandler.enable(file=sys.stderr, all_threads=True)
+    except (AttributeError, ValueError, OSError):  # stderr without a file descriptor (embedded use)
+        pass
+
+
 def run_training(args: argparse.Namespace) -> int:
     from megareweight.config import load_config
     from megareweight.train.loop import train
@@ -56,6 +72,7 @@ def run_training(args: argparse.Namespace) -> int:
 
     if args.overwrite and (args.resume or args.resume_from):
         raise UsageError("--overwrite starts a new run; it cannot be combined with --resume/--resume-from")
+    enable_native_crash_tracebacks()
     cfg = load_config(args.config, args.overrides)
     factory = None
     if args.deepspeed:
