@@ -90,3 +90,13 @@ def test_committed_runs_are_reused_only_with_the_pinned_code_and_steps(lm, tmp_p
     (tmp_path / "results.json").write_text(json.dumps(saved))
     assert lm.committed_runs(tmp_path) == {}
     assert lm.committed_runs(tmp_path / "missing") == {}
+
+
+def test_time_report_does_not_take_a_resumed_runs_last_part_for_its_wall_time(lm):
+    one_go = {**_run("uniform", 0, 0.0), "seconds": 1500.0, "step_seconds_total": 1400.0,
+              "code_versions": [{"commit": "c"}]}
+    resumed = {**_run("uniform", 1, 0.0), "seconds": 600.0, "step_seconds_total": 2900.0,
+               "code_versions": [{"commit": "c"}, {"commit": "c"}]}
+    text = lm.time_lines({("uniform", 0): one_go, ("uniform", 1): resumed})[0]
+    assert "of the 1 run(s) trained in one invocation: median 1500 s, range 1500-1500 s" in text
+    assert "of 2 run(s): median 2150 s, range 1400-2900 s" in text

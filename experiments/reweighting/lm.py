@@ -364,7 +364,10 @@ def load_run(work: Path, method: str, seed: int) -> Optional[dict[str, Any]]:
     versions_file = out / "code_versions.jsonl"
     versions = [json.loads(x) for x in versions_file.read_text().splitlines() if x.strip()] if versions_file.is_file() else []
     tokens_per_step = steps[0]["tokens"] / steps[0]["step"]
+    # ``summary.json``'s seconds are the wall time of the last invocation only: a resumed run
+    # would look faster than it was. The sum of the step times counts every step once.
     return {"method": method, "seed": seed, "final": final, "curve": curve, "seconds": summary["seconds"],
+            "step_seconds_total": float(sum(r["step_seconds"] for r in steps)),
             "tokens_per_second": tokens_per_step / float(np.median([r["step_seconds"] for r in steps])),
             "code_versions": versions,
             "parameters": summary["parameters"], "tokens": curve[-1]["tokens"],
@@ -394,7 +397,8 @@ def committed_runs(out: Path) -> dict[tuple[str, int], dict[str, Any]]:
         if any(v.get("commit") != CODE_COMMIT for v in versions):
             continue
         runs[method, int(seed)] = {"method": method, "seed": int(seed), "final": rec["final"], "curve": rec["curve"],
-                                   "seconds": rec["seconds"], "tokens_per_second": rec["tokens_per_second_median_step"],
+                                   "seconds": rec["seconds"], "step_seconds_total": rec.get("step_seconds_total"),
+                                   "tokens_per_second": rec["tokens_per_second_median_step"],
                                    "code_versions": versions, "parameters": saved["parameters"],
                                    "tokens": rec["tokens"], "external_tokens": saved["design"].get("external_tokens")}
     return runs
@@ -488,13 +492,27 @@ def markdown(analysis: dict[str, Any], runs: dict[tuple[str, int], dict[str, Any
                        else "no interval")
             lines.append(f"- {label}: {summary} over the {t['reached']} seed(s) that reached it; per seed: {per}")
         lines.append("")
-    seconds = [r["seconds"] for r in runs.values()]
-    if seconds:
-        speed = [r["tokens_per_second"] for r in runs.values()]
-        lines.append(f"Training time per run (incl. evaluation, {machine()}, shared with other jobs): "
-                     f"median {np.median(seconds):.0f} s, range {min(seconds):.0f}-{max(seconds):.0f} s; "
-                     f"training speed (median step) {min(speed):,.0f}-{max(speed):,.0f} tokens/s per run.")
+    lines += time_lines(runs)
     return "\n".join(lines) + "\n"
+
+
+def time_lines(runs: dict[tuple[str, int], dict[str, Any]]) -> list[str]:
+    """How long the runs took: wall time for runs trained in one invocation (a resumed run's
+    ``summary.json`` only covers its last part), and the summed step time for every run."""
+    if not runs:
+        return []
+    single = [r["seconds"] for r in runs.values() if len(r.get("code_versions") or []) <= 1]
+    summed = [r["step_seconds_total"] for r in runs.values() if r.get("step_seconds_total") is not None]
+    speed = [r["tokens_per_second"] for r in runs.values()]
+    lines = [f"Training time per run ({machine()}, shared with other jobs):"]
+    if single:
+        lines.append(f"wall time incl. evaluation of the {len(single)} run(s) trained in one invocation: "
+                     f"median {np.median(single):.0f} s, range {min(single):.0f}-{max(single):.0f} s;")
+    if summed:
+        lines.append(f"sum of step times (evaluation excluded, resumed runs counted in full) of {len(summed)} run(s): "
+                     f"median {np.median(summed):.0f} s, range {min(summed):.0f}-{max(summed):.0f} s;")
+    lines.append(f"training speed (median step) {min(speed):,.0f}-{max(speed):,.0f} tokens/s per run.")
+    return [" ".join(lines)]
 
 
 def plot(runs: dict[tuple[str, int], dict[str, Any]], analysis: dict[str, Any], out: Path) -> list[Path]:
@@ -610,7 +628,8 @@ def write_report(work: Path, out: Path) -> list[Path]:
                    "external_tokens": EXTERNAL_TOKENS},
         "external_text": json.loads(ext_manifest.read_text()) if ext_manifest.is_file() else None,
         "parameters": next(iter(runs.values()))["parameters"],
-        "runs": {f"{m}-seed{s}": {"final": r["final"], "seconds": r["seconds"], "tokens": r["tokens"],
+        "runs": {f"{m}-seed{s}": {"final": r["final"], "seconds": r["seconds"],
+                                  "step_seconds_total": r.get("step_seconds_total"), "tokens": r["tokens"],
                                   "code_versions": r["code_versions"],
                                   "tokens_per_second_median_step": r["tokens_per_second"],
                                   "curve": [{k: v for k, v in row.items() if k.startswith(("tokens", "avg", "loss/"))}
