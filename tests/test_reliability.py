@@ -279,3 +279,22 @@ def test_native_abort_in_a_rank_prints_every_threads_python_stack():
     assert "Fatal Python error: Aborted" in proc.stderr
     assert "Current thread 0x" in proc.stderr and "collective_in_flight" in proc.stderr  # the aborting one
     assert "\nThread 0x" in proc.stderr  # and the other threads
+
+
+def test_a_finished_rank_destroys_its_process_groups_before_interpreter_teardown():
+    """``distributed.shutdown`` (called by the training entry on a clean exit) leaves no gloo group
+    for interpreter teardown, where one still holding async work can abort the rank; a second call
+    and a call without a group are no-ops."""
+    code = ("import socket, torch.distributed as dist\n"
+            "from megareweight.train import distributed\n"
+            "distributed.shutdown()\n"
+            "s = socket.socket(); s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]; s.close()\n"
+            "dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=0, world_size=1)\n"
+            "work = dist.all_reduce(__import__('torch').ones(4), async_op=True)\n"
+            "assert distributed.control_group() is not None\n"
+            "distributed.shutdown()\n"
+            "print('initialized after shutdown:', dist.is_initialized())\n"
+            "distributed.shutdown()\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "initialized after shutdown: False" in proc.stdout

@@ -67,6 +67,7 @@ def enable_native_crash_tracebacks() -> None:
 
 def run_training(args: argparse.Namespace) -> int:
     from megareweight.config import load_config
+    from megareweight.train import distributed
     from megareweight.train.loop import train
     from megareweight.train.signals import StoppedBySignal
 
@@ -83,9 +84,11 @@ def run_training(args: argparse.Namespace) -> int:
         result = train(cfg, args.out, resume=args.resume, engine_factory=factory, progress=not args.quiet,
                        resume_from=args.resume_from, overwrite=args.overwrite)
     except StoppedBySignal as stop:
+        distributed.shutdown()  # every rank agreed to stop at the same step
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"megareweight: {stop}; resume with: {resume_command(args)}", file=sys.stderr, flush=True)
         return stop.exit_code
+    distributed.shutdown()
     if not args.quiet and result.is_main:
         final = ", ".join(f"{d} {v:.4f}" for d, v in result.final_eval.items())
         print(f"[megareweight] done: {result.steps} steps, {result.tokens:,} tokens, {result.seconds:.1f} s; "

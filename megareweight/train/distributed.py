@@ -48,6 +48,22 @@ def control_group() -> Optional[dist.ProcessGroup]:
     return _CONTROL_GROUP
 
 
+def shutdown() -> None:
+    """Destroy every process group at the end of a rank's run, while the interpreter is fully alive.
+
+    Why: a gloo group left to interpreter teardown can abort the rank with SIGABRT ("terminate
+    called without an active exception") when its worker threads still hold the work objects of
+    asynchronous collectives, which ZeRO-3's parameter prefetch issues; the launcher then reports
+    a failed run although training finished. Call it only on a clean exit that every rank reaches
+    (a finished run, an agreed stop): ranks that are still inside a collective cannot shut down
+    together, and after an error the process exits anyway.
+    """
+    global _CONTROL_GROUP
+    if is_distributed():
+        dist.destroy_process_group()  # every group, the control group included
+    _CONTROL_GROUP = None
+
+
 def all_true(flag: bool) -> bool:
     """True on every rank iff ``flag`` is true on every rank (a barrier too)."""
     if not is_distributed() or world_size() == 1:
