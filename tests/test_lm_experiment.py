@@ -100,3 +100,23 @@ def test_time_report_does_not_take_a_resumed_runs_last_part_for_its_wall_time(lm
     text = lm.time_lines({("uniform", 0): one_go, ("uniform", 1): resumed})[0]
     assert "of the 1 run(s) trained in one invocation: median 1500 s, range 1500-1500 s" in text
     assert "of 2 run(s): median 2150 s, range 1400-2900 s" in text
+
+
+def test_progress_pairs_an_unfinished_run_with_the_finished_uniform_run_of_its_seed(lm, tmp_path):
+    def write_run(method: str, finished: bool, shift: float) -> None:
+        out = lm.run_dir(tmp_path, method, 0)
+        out.mkdir(parents=True)
+        steps = (100, 200) if finished else (100,)
+        rows = [{"step": s, "tokens": 10 * s, "avg_trained": 4.0 - s / 1000 + shift,
+                 "avg_heldout": 5.0 - s / 1000 - shift, **{f"loss/{d}": 3.0 for d in lm_domains()[:-1]}} for s in steps]
+        (out / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        if finished:
+            (out / "metrics.jsonl").write_text(json.dumps({"step": 1, "tokens": 10, "step_seconds": 0.5}) + "\n")
+            (out / "summary.json").write_text(json.dumps({"seconds": 9.0, "parameters": 10}))
+            (out / "external_eval.json").write_text(json.dumps({lm.EXTERNAL: {"loss": 3.0, "tokens": 5}}))
+
+    write_run(lm.BASELINE, True, 0.0)
+    write_run("linupper_r0.4", False, 0.02)
+    text = lm.progress_note(tmp_path)
+    assert "| linupper_r0.4-seed0 | 100 of" in text and "+0.0200 / -0.0200 (step 100)" in text
+    assert "uniform-seed0" not in text  # finished: a result, not progress

@@ -573,14 +573,14 @@ def progress_note(work: Path) -> str:
     """Unfinished runs: how far each got and, where a uniform run of the same seed reached the
     same eval step, the paired difference there. Labelled as progress, not a result: one seed
     mid-training says nothing with confidence, and the learning-rate schedule has not ended."""
-    lines, rows = [], {}
+    lines, rows, curves = [], {}, {}
     for seed in range(SEEDS):
         for method in METHODS:
             path = run_dir(work, method, seed) / "eval.jsonl"
-            if path.is_file() and load_run(work, method, seed) is None:
-                curve = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-                if curve:
-                    rows[method, seed] = curve
+            if path.is_file():
+                curves[method, seed] = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+                if curves[method, seed] and load_run(work, method, seed) is None:
+                    rows[method, seed] = curves[method, seed]
     if not rows:
         return ""
     lines += ["## Runs in progress (not a result)", "",
@@ -588,7 +588,7 @@ def progress_note(work: Path) -> str:
               "minus uniform (same seed) at the last step both reached: trained / held-out |", "|---|---|---|---|---|---|"]
     for (method, seed), curve in sorted(rows.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         last = curve[-1]
-        base = {r["step"]: r for r in rows.get((BASELINE, seed), [])}
+        base = {r["step"]: r for r in curves.get((BASELINE, seed), [])}  # finished or not
         common = [r for r in curve if r["step"] in base]
         vs = "-"
         if common and method != BASELINE:
