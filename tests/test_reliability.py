@@ -298,3 +298,24 @@ def test_a_finished_rank_destroys_its_process_groups_before_interpreter_teardown
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "initialized after shutdown: False" in proc.stdout
+
+
+@pytest.mark.parametrize("distributed_run, code, teardown", [(True, 0, False), (True, 3, True), (False, 0, True)])
+def test_a_rank_skips_interpreter_teardown_only_after_a_finished_distributed_run(distributed_run, code, teardown):
+    """``exit_rank`` (what ``python -m megareweight.train`` ends with) leaves with ``os._exit``
+    after a finished distributed run, where teardown can abort the rank, with its output flushed;
+    an error code or a run without torch.distributed exits normally (atexit handlers run)."""
+    code_text = ("import atexit, socket, sys, torch.distributed as dist\n"
+                 "from megareweight.train import distributed\n"
+                 "from megareweight.train.__main__ import exit_rank\n"
+                 "atexit.register(lambda: print('teardown ran'))\n"
+                 f"if {distributed_run}:\n"
+                 "    s = socket.socket(); s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]; s.close()\n"
+                 "    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=0, world_size=1)\n"
+                 "    distributed.shutdown()\n"
+                 "print('written before exit', end='')\n"
+                 f"exit_rank({code})\n")
+    proc = subprocess.run([sys.executable, "-c", code_text], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == code, proc.stderr[-2000:]
+    assert proc.stdout.startswith("written before exit")
+    assert ("teardown ran" in proc.stdout) == teardown

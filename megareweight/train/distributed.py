@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 _CONTROL_GROUP: Optional[dist.ProcessGroup] = None
+_SHUT_DOWN = False  # set by shutdown() once it destroyed this process's groups
 T = TypeVar("T")
 
 
@@ -58,10 +59,16 @@ def shutdown() -> None:
     (a finished run, an agreed stop): ranks that are still inside a collective cannot shut down
     together, and after an error the process exits anyway.
     """
-    global _CONTROL_GROUP
+    global _CONTROL_GROUP, _SHUT_DOWN
     if is_distributed():
         dist.destroy_process_group()  # every group, the control group included
+        _SHUT_DOWN = True
     _CONTROL_GROUP = None
+
+
+def was_shut_down() -> bool:
+    """Whether :func:`shutdown` destroyed this process's groups (it ran torch.distributed)."""
+    return _SHUT_DOWN
 
 
 def all_true(flag: bool) -> bool:
