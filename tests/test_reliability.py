@@ -319,3 +319,25 @@ def test_a_rank_skips_interpreter_teardown_only_after_a_finished_distributed_run
     assert proc.returncode == code, proc.stderr[-2000:]
     assert proc.stdout.startswith("written before exit")
     assert ("teardown ran" in proc.stdout) == teardown
+
+
+def test_two_deepspeed_trainings_in_one_process_both_run(prepared_dir, tmp_path):
+    """``megareweight train --deepspeed`` through the CLI's ``main`` keeps the process groups (a
+    caller may train again in the same process; DeepSpeed keeps references to its groups): only
+    the launcher entry, whose process exits next, destroys them."""
+    from tests.test_distributed import DS_TINY, write_config
+
+    config = write_config(tmp_path / "c.yaml", prepared_dir, "uniform", accum=1)
+    code = ("import sys\n"
+            "from megareweight.cli import main\n"
+            "from megareweight.train import distributed\n"
+            "for i in range(2):\n"
+            f"    rc = main(['train', '--config', {str(config)!r}, '--deepspeed', {str(DS_TINY)!r},\n"
+            f"               '--out', {str(tmp_path)!r} + f'/run{{i}}', '--quiet'])\n"
+            "    print('run', i, 'exit', rc, 'groups destroyed', distributed.was_shut_down(), flush=True)\n")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
+           "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions")}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert "run 0 exit 0 groups destroyed False" in proc.stdout, proc.stderr[-3000:]
+    assert "run 1 exit 0 groups destroyed False" in proc.stdout, proc.stderr[-3000:]
+    assert len(_metrics(tmp_path / "run1")) == 4

@@ -66,7 +66,14 @@ def enable_native_crash_tracebacks() -> None:
         pass
 
 
-def run_training(args: argparse.Namespace) -> int:
+def run_training(args: argparse.Namespace, shutdown_groups: bool = False) -> int:
+    """Train as ``args`` say; the exit code.
+
+    ``shutdown_groups``: destroy the process groups when every rank ended together (a finished
+    run, an agreed stop on a signal). Only for a process that exits next (the launcher entry,
+    :func:`main`): in a process that goes on, DeepSpeed keeps references to the destroyed groups
+    and a second DeepSpeed run there fails.
+    """
     from megareweight.config import load_config
     from megareweight.train import distributed
     from megareweight.train.loop import train
@@ -85,11 +92,13 @@ def run_training(args: argparse.Namespace) -> int:
         result = train(cfg, args.out, resume=args.resume, engine_factory=factory, progress=not args.quiet,
                        resume_from=args.resume_from, overwrite=args.overwrite)
     except StoppedBySignal as stop:
-        distributed.shutdown()  # every rank agreed to stop at the same step
+        if shutdown_groups:
+            distributed.shutdown()  # every rank agreed to stop at the same step
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"megareweight: {stop}; resume with: {resume_command(args)}", file=sys.stderr, flush=True)
         return stop.exit_code
-    distributed.shutdown()
+    if shutdown_groups:
+        distributed.shutdown()
     if not args.quiet and result.is_main:
         final = ", ".join(f"{d} {v:.4f}" for d, v in result.final_eval.items())
         print(f"[megareweight] done: {result.steps} steps, {result.tokens:,} tokens, {result.seconds:.1f} s; "
@@ -98,9 +107,11 @@ def run_training(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The launcher entry: one rank's whole process, which exits when this returns."""
     parser = OneLineParser(prog="python -m megareweight.train")
     add_train_arguments(parser)
-    return parse_and_run(parser, sys.argv[1:] if argv is None else argv, run_training)
+    return parse_and_run(parser, sys.argv[1:] if argv is None else argv,
+                         lambda args: run_training(args, shutdown_groups=True))
 
 
 def exit_rank(code: int) -> NoReturn:
