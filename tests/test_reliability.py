@@ -325,6 +325,7 @@ def test_two_deepspeed_trainings_in_one_process_both_run(prepared_dir, tmp_path)
     """``megareweight train --deepspeed`` through the CLI's ``main`` keeps the process groups (a
     caller may train again in the same process; DeepSpeed keeps references to its groups): only
     the launcher entry, whose process exits next, destroys them."""
+    from tests._launch import launch_env
     from tests.test_distributed import DS_TINY, write_config
 
     config = write_config(tmp_path / "c.yaml", prepared_dir, "uniform", accum=1)
@@ -335,9 +336,8 @@ def test_two_deepspeed_trainings_in_one_process_both_run(prepared_dir, tmp_path)
             f"    rc = main(['train', '--config', {str(config)!r}, '--deepspeed', {str(DS_TINY)!r},\n"
             f"               '--out', {str(tmp_path)!r} + f'/run{{i}}', '--quiet'])\n"
             "    print('run', i, 'exit', rc, 'groups destroyed', distributed.was_shut_down(), flush=True)\n")
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
-           "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions")}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=launch_env())
     assert "run 0 exit 0 groups destroyed False" in proc.stdout, proc.stderr[-3000:]
     assert "run 1 exit 0 groups destroyed False" in proc.stdout, proc.stderr[-3000:]
     assert len(_metrics(tmp_path / "run1")) == 4
