@@ -31,7 +31,7 @@ demo: install
 	$(BIN)/megareweight demo --corpus $(CORPUS) --out runs/demo
 
 bench: install
-	TRITON_INTERPRET=1 $(BIN)/python -m kernels.bench --out kernels/results/cpu
+	TRITON_INTERPRET=1 $(BIN)/python -m megareweight.kernels.bench --out kernels/results/cpu
 
 bench-data: install
 	$(BIN)/python -m megareweight.data.bench --out experiments/data/bench_cpu.json --prepare-corpus $(CORPUS)

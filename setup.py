@@ -1,4 +1,10 @@
-"""Packaging for megareweight: the library + CLI (`megareweight`) and the Triton kernels (`kernels`).
+"""Packaging for megareweight: the library + CLI (`megareweight`), the loss kernels included.
+
+One import name, `megareweight`. The loss kernels live in the repository's top-level `kernels/`
+folder (the design's layout) but are imported as `megareweight.kernels` through the link
+`megareweight/kernels -> ../kernels`: the name `kernels` belongs to Hugging Face's package, which
+transformers requires, and two packages with one import name shadow each other. `kernels/` has no
+`__init__.py`, so from the repository root `import kernels` still finds Hugging Face's.
 
 torch is pinned to one exact version: any looser spec makes pip pull the newest CUDA build
 (several GB) on machines where only the CPU wheel is wanted. Install torch first (the Makefile
@@ -6,7 +12,7 @@ does) so that nothing here upgrades it.
 """
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 LINUX = sys.platform.startswith("linux")
 
@@ -35,7 +41,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["megareweight", "megareweight.*", "kernels", "kernels.*"]),
+    # Namespace finder: `megareweight.kernels` (the linked folder) has no __init__.py by design.
+    packages=find_namespace_packages(include=["megareweight", "megareweight.*"],
+                                     exclude=["*.__pycache__", "megareweight.kernels.results*"]),
     package_data={"megareweight": ["configs/*.yaml"]},
     install_requires=install_requires,
     extras_require={

@@ -1,6 +1,6 @@
 """Ahead-of-time check of the Triton kernels for a CUDA target, without a GPU.
 
-    python -m kernels.aot --arch 90 --dtype bf16 --out DIR [--tokens 16384 --hidden 4096 --vocab 128256]
+    python -m megareweight.kernels.aot --arch 90 --dtype bf16 --out DIR [--tokens 16384 --hidden 4096 --vocab 128256]
 
 Why: the CPU interpreter runs other code (no tensor cores, no shared memory, no pipelining), so
 this is the only local check of what a GPU would run. What the runtime compiles depends on its
@@ -8,7 +8,7 @@ this is the only local check of what a GPU would run. What the runtime compiles 
 carry ``tt.divisibility=16`` (vectorised, pipelined loads) and an integer equal to 1 becomes a
 constant. Compiling without that checks a different kernel. So this module builds every launch the
 default path makes at the given shape with the very functions the runtime launches with
-(:mod:`kernels.weighted_ce.triton_kernels`'s ``*_launch``), turns their arguments into a
+(:mod:`megareweight.kernels.weighted_ce.triton_kernels`'s ``*_launch``), turns their arguments into a
 specialisation with Triton's own binder (``create_function_from_signature`` + ``_pack_args``,
 as ``JITFunction.run`` does; mock tensors stand for aligned allocations: at these shapes every
 chunk starts at a multiple of 128 rows) and compiles each distinct specialisation for sm_<arch>.
@@ -58,13 +58,13 @@ class MockTensor:
 def default_launches(n: int, d: int, v: int, dtype, gpu_memory: int) -> list[tuple[str, object]]:
     """Every Triton launch of ``loss.impl=fused`` at this shape (both modes), as (name, Launch).
 
-    Uses the planner's own chunk rules (:func:`kernels.weighted_ce.function.chunk_rows`,
-    :func:`kernels.weighted_ce.function.lean_blocks`) with a GPU of ``gpu_memory`` bytes.
+    Uses the planner's own chunk rules (:func:`megareweight.kernels.weighted_ce.function.chunk_rows`,
+    :func:`megareweight.kernels.weighted_ce.function.lean_blocks`) with a GPU of ``gpu_memory`` bytes.
     """
     import torch
 
-    from kernels.weighted_ce import triton_kernels as tk
-    from kernels.weighted_ce.function import _spans, chunk_rows, lean_blocks
+    from megareweight.kernels.weighted_ce import triton_kernels as tk
+    from megareweight.kernels.weighted_ce.function import _spans, chunk_rows, lean_blocks
 
     itemsize = torch.empty((), dtype=dtype).element_size()
     chunk = chunk_rows(v, itemsize, gpu_memory)
@@ -173,7 +173,7 @@ def problems(rows: list[dict]) -> list[str]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kernels.aot", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m megareweight.kernels.aot", description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 90 (H100/H200)")
     parser.add_argument("--dtype", default="bf16", choices=DTYPES)
     parser.add_argument("--out", required=True, help="directory for <kernel>.ptx and summary.json")
@@ -195,7 +195,7 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"spills={row['spills']}  warps={row['num_warps']}")
     bad = problems(rows)
     for line in bad:
-        print(f"kernels.aot: error: {line}", file=sys.stderr)
+        print(f"megareweight.kernels.aot: error: {line}", file=sys.stderr)
     return 1 if bad else 0
 
 

@@ -1,5 +1,5 @@
-"""``python -m kernels.bench``: the loss-kernel benchmark, :mod:`kernels.weighted_ce.bench`."""
-from kernels.weighted_ce.bench import main
+"""``python -m megareweight.kernels.bench``: the loss-kernel benchmark, :mod:`megareweight.kernels.weighted_ce.bench`."""
+from megareweight.kernels.weighted_ce.bench import main
 
 if __name__ == "__main__":
     main()

@@ -109,6 +109,9 @@ class ReweightConfig:
     warmup_r: float = 100.0
     unit: ReweightUnit = "sequence"  # document: each document of a window is its own sample (needs packing: documents)
     max_documents: int = 64  # unit=document: samples per window; further documents share the last one
+    # strategy=domain: a constant loss weight per trained domain, {domain: weight > 0}; normalised over
+    # each global micro-batch like every strategy (the loss-side counterpart of data.mixture)
+    domain_weights: Optional[dict[str, float]] = None
 
 
 @dataclass
@@ -193,6 +196,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: {value!r} is not allowed; allowed values: {', '.join(map(str, allowed))}")
         return value
     if origin is Union:
+        options = [a for a in typing.get_args(tp) if a is not type(None)]
+        # Optional[mapping or list] given one: the inner error names the inner key (a.b.c)
+        if isinstance(value, (dict, list)) and len(options) == 1 and typing.get_origin(options[0]) in (dict, list):
+            return _coerce(value, options[0], key)
         errors = []
         for option in typing.get_args(tp):
             try:
@@ -318,6 +325,14 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _require(rw.unit == "sequence" or d.packing == "documents", "reweight.unit",
              "'document' needs data.packing: documents (windows must know where documents start)")
     _require(rw.max_documents >= 1, "reweight.max_documents", f"must be >= 1, got {rw.max_documents}")
+    if rw.strategy == "domain":
+        _require(bool(rw.domain_weights), "reweight.domain_weights",
+                 "reweight.strategy: domain needs a mapping domain: weight (one per trained domain)")
+        for dom, w in rw.domain_weights.items():
+            _require(w > 0, f"reweight.domain_weights.{dom}", f"weight must be > 0, got {w}")
+    else:
+        _require(rw.domain_weights is None, "reweight.domain_weights",
+                 f"only used with reweight.strategy: domain (it is {rw.strategy!r})")
     _require(cfg.loss.chunk_size >= 0, "loss.chunk_size", f"must be >= 0 (0: automatic), got {cfg.loss.chunk_size}")
     _require(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
     _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")

@@ -60,6 +60,11 @@ def test_yaml_and_overrides(tmp_path):
         ({"train": {"compile": "fast"}}, r"train\.compile: 'fast' is not allowed; allowed values: true, false, blocks, ops"),
         ({"train": {"peak_tflops": 0}}, r"train\.peak_tflops: must be > 0"),
         ({"data": {"prefetch": -1}}, r"data\.prefetch: must be >= 0"),
+        ({"reweight": {"strategy": "domain"}}, r"reweight\.domain_weights: reweight\.strategy: domain needs a mapping"),
+        ({"reweight": {"strategy": "domain", "domain_weights": {"a": 0}}}, r"reweight\.domain_weights\.a: weight must be > 0, got 0"),
+        ({"reweight": {"strategy": "linupper", "domain_weights": {"a": 1}}},
+         r"reweight\.domain_weights: only used with reweight\.strategy: domain \(it is 'linupper'\)"),
+        ({"reweight": {"strategy": "domain", "domain_weights": {"a": "x"}}}, r"reweight\.domain_weights\.a: expected a number"),
     ],
 )
 def test_errors_name_the_key(raw, pattern):

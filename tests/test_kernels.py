@@ -26,9 +26,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import kernels
-from kernels.reference import linear_weighted_ce as reference_ce
-from kernels.weighted_ce import function as F
+from megareweight.kernels import weighted_ce as kernels
+from megareweight.kernels.weighted_ce import impls
+from megareweight.kernels.weighted_ce.reference import linear_weighted_ce as reference_ce
+from megareweight.kernels.weighted_ce import function as F
 
 ROOT = Path(__file__).resolve().parents[1]
 triton_ok = kernels.triton_available() and os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
@@ -117,6 +118,28 @@ def compare(fn, hidden, weight, labels, dtype=torch.float32, **kw):
 def test_matches_reference(epilogue, mode, shape, chunk, strategy, dtype):
     hidden, weight, labels = make_batch(*shape, seed=sum(shape))
     compare(ours(epilogue, mode, chunk), hidden, weight, labels, dtype, strategy=strategy, r=0.4)
+
+
+@pytest.mark.parametrize("epilogue,mode", VARIANT_PARAMS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_domain_prior_matches_reference(epilogue, mode, dtype):
+    """strategy=domain: the weights are c_d / sum c (per-sample log prior), forward and backward
+    like the reference, in every variant; the empty row keeps weight 0."""
+    hidden, weight, labels = make_batch(4, 5, 24, 37, seed=3)
+    prior = torch.log(torch.tensor([3.0, 1.0, 0.5, 2.0]))
+    got = compare(ours(epilogue, mode, 4), hidden, weight, labels, dtype, strategy="domain", r=0.4,
+                  sample_log_prior=prior)
+    expected = torch.tensor([3.0, 0.0, 0.5, 2.0]) / 5.5  # row 1 has no valid token
+    assert torch.allclose(got["weights"], expected, atol=1e-6)
+
+
+def test_domain_strategy_without_prior_fails_before_compute():
+    hidden, weight, labels = make_batch(2, 3, 8, 11)
+    for fn in (reference_ce, ours("torch", "fast")):
+        with pytest.raises(ValueError, match="domain.*sample_log_prior"):
+            fn(hidden, weight, labels, strategy="domain")
+        with pytest.raises(ValueError, match=r"sample_log_prior: expected shape \(2,\)"):
+            fn(hidden, weight, labels, strategy="domain", sample_log_prior=torch.zeros(3))
 
 
 @settings(max_examples=6, deadline=None, derandomize=True)
@@ -248,7 +271,7 @@ def test_aot_check_compiles_the_runtime_specialisation(tmp_path):
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(TRITON_DEFAULT_FP_FUSION="1", PYTHONPATH=str(ROOT))
-    out = subprocess.run([sys.executable, "-m", "kernels.aot", "--arch", "90", "--dtype", "bf16", "--out", str(tmp_path)],
+    out = subprocess.run([sys.executable, "-m", "megareweight.kernels.aot", "--arch", "90", "--dtype", "bf16", "--out", str(tmp_path)],
                          capture_output=True, text=True, env=env, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -264,7 +287,7 @@ def test_aot_check_compiles_the_runtime_specialisation(tmp_path):
 
 
 def test_aot_problems_are_reported():
-    from kernels import aot
+    from megareweight.kernels import aot
 
     ok = {"kernel": "k", "shared_bytes": 1024, "spills": 0, "full_barriers": []}
     assert aot.problems([ok]) == []
@@ -310,19 +333,19 @@ def test_trainer_passes_loss_mode_and_chunk_size(prepared_dir, tmp_path, monkeyp
 
 
 def test_import_without_triton(monkeypatch):
-    """``import kernels`` must not pull triton in (macOS has none); without it auto -> chunked."""
-    code = "import sys, kernels, kernels.weighted_ce.function; print('triton' in sys.modules)"
+    """Importing the kernels must not pull triton in (macOS has none); without it auto -> chunked."""
+    code = "import sys, megareweight.kernels.weighted_ce.function; print('triton' in sys.modules)"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True, cwd=ROOT)
     assert out.stdout.strip() == "False"
-    monkeypatch.setattr(kernels, "triton_available", lambda: False)
+    monkeypatch.setattr(impls, "triton_available", lambda: False)
     assert kernels.get_loss_impl("auto", "cuda")[0] == "chunked"
     with pytest.raises(RuntimeError, match="triton"):
         kernels.get_loss_impl("fused", "cuda")
 
 
 def test_bench_quick_verifies_before_timing(tmp_path, monkeypatch):
-    from kernels.weighted_ce import bench
+    from megareweight.kernels.weighted_ce import bench
 
     result = bench.main(["--quick", "--shapes", "64x16x96", "--out", str(tmp_path)])
     assert (tmp_path / "bench.json").exists() and (tmp_path / "bench.csv").exists()

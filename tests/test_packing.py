@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from kernels import get_loss_impl
-from kernels.reference import linear_weighted_ce as reference_ce
+from megareweight.kernels.weighted_ce import get_loss_impl
+from megareweight.kernels.weighted_ce.reference import linear_weighted_ce as reference_ce
 from megareweight.config import ConfigError
 from megareweight.evaluate import evaluate_checkpoint
 from megareweight.data.mixture import IGNORE_INDEX, MixtureSampler, validation_batches, window_batch

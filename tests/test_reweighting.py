@@ -8,6 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from megareweight.reweighting.strategies import PRIOR_STRATEGIES
 from megareweight.reweighting import (
     STRATEGIES,
     ReweightSchedule,
@@ -18,6 +19,10 @@ from megareweight.reweighting import (
 )
 
 losses_strategy = st.lists(st.floats(0.01, 20.0, allow_nan=False), min_size=2, max_size=64)
+
+
+#: strategies whose weights are a function of the losses alone (``domain`` needs a prior)
+LOSS_STRATEGIES = sorted(set(STRATEGIES) - set(PRIOR_STRATEGIES))
 
 
 def test_normalize_hand_computed():
@@ -62,7 +67,7 @@ def test_max_weight_ratio_is_exp_one_over_r():
 
 
 @settings(max_examples=60, deadline=None)
-@given(losses=losses_strategy, strategy=st.sampled_from(sorted(STRATEGIES)), r=st.floats(0.05, 50.0))
+@given(losses=losses_strategy, strategy=st.sampled_from(LOSS_STRATEGIES), r=st.floats(0.05, 50.0))
 def test_weights_sum_to_one_and_are_positive(losses, strategy, r):
     w = compute_weights(torch.tensor(losses), strategy, r)
     assert torch.isclose(w.sum(), torch.tensor(1.0), atol=1e-5)
@@ -70,7 +75,7 @@ def test_weights_sum_to_one_and_are_positive(losses, strategy, r):
 
 
 @settings(max_examples=40, deadline=None)
-@given(losses=losses_strategy, strategy=st.sampled_from(sorted(STRATEGIES)))
+@given(losses=losses_strategy, strategy=st.sampled_from(LOSS_STRATEGIES))
 def test_weights_become_uniform_as_r_grows(losses, strategy):
     w = compute_weights(torch.tensor(losses), strategy, r=1e6)
     assert torch.allclose(w, torch.full_like(w, 1 / len(losses)), atol=1e-5)
@@ -118,7 +123,7 @@ def test_weighted_loss_masks_nonfinite_without_nan():
 
 
 def test_unknown_strategy_names_allowed_values():
-    with pytest.raises(ValueError, match="allowed: extremes, linear, linupper, quadratic, uniform"):
+    with pytest.raises(ValueError, match="allowed: domain, extremes, linear, linupper, quadratic, uniform"):
         compute_weights(torch.tensor([1.0, 2.0]), "linup", r=1.0)
 
 
@@ -144,3 +149,25 @@ def test_schedule_warmup_modes():
     assert t.at(1) == ("linupper", 100.0) and t.at(2) == ("linupper", 0.4)
     with pytest.raises(ValueError, match="warmup_mode"):
         ReweightSchedule("linupper", warmup_mode="cosine")
+
+
+def test_domain_weights_are_the_normalised_domain_constants():
+    """strategy=domain: w_i = c_{d(i)} / sum_j c_{d(j)} over the valid samples, whatever the losses."""
+    losses = torch.tensor([2.0, 9.0, 0.5, float("nan"), 4.0])
+    c = torch.tensor([3.0, 1.0, 1.0, 3.0, 0.5])
+    w = compute_weights(losses, "domain", r=0.4, log_prior=torch.log(c))
+    assert torch.allclose(w, torch.tensor([3.0, 1.0, 1.0, 0.0, 0.5]) / 5.5)
+    # the same constants with other losses: the same weights (not a function of the loss)
+    assert torch.equal(w, compute_weights(losses.flip(0).flip(0) * 7, "domain", r=3.0, log_prior=torch.log(c)))
+
+
+def test_domain_strategy_needs_its_prior():
+    with pytest.raises(ValueError, match="needs per-sample log weights"):
+        compute_weights(torch.ones(3), "domain", r=1.0)
+
+
+def test_weighted_loss_applies_the_prior_to_the_gradient():
+    losses = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    out = weighted_loss(losses, "domain", 1.0, log_prior=torch.log(torch.tensor([1.0, 2.0, 1.0])))
+    out.loss.backward()
+    assert torch.allclose(losses.grad, torch.tensor([0.25, 0.5, 0.25]))

@@ -51,6 +51,42 @@ def test_same_seed_same_curve_and_other_seed_differs(prepared_dir, tmp_path):
     assert la != lc
 
 
+def test_domain_strategy_weights_each_domain_by_its_constant(prepared_dir, tmp_path):
+    """strategy=domain with equal constants is uniform, step for step; with unequal ones every
+    step's weight share is the uniform run's share (the batch's domain counts, same data order)
+    times c_d, renormalised over the micro-batch."""
+    def run(name, **reweight):
+        cfg = tiny_config(prepared_dir, train={"max_steps": 6, "eval_interval": 0}, reweight=reweight)
+        train(cfg, tmp_path / name, progress=False)
+        return _metrics(tmp_path / name)
+
+    uniform = run("uniform", strategy="uniform")
+    equal = run("equal", strategy="domain", domain_weights={"code": 2.0, "numbers": 2.0, "prose": 2.0})
+    assert [r["loss"] for r in equal] == [r["loss"] for r in uniform]
+    c = {"code": 4.0, "numbers": 1.0, "prose": 0.5}
+    skewed = run("skewed", strategy="domain", domain_weights=c, warmup_steps=2)
+    assert [r["strategy"] for r in skewed] == ["uniform"] * 2 + ["domain"] * 4
+    assert [r["loss"] for r in skewed[:3]] == [r["loss"] for r in uniform[:3]]  # warm-up, then first domain step
+    for u, s in zip(uniform[2:], skewed[2:]):
+        norm = sum(c[d] * u[f"weight_share/{d}"] for d in c)
+        for d in c:
+            assert s[f"weight_share/{d}"] == pytest.approx(c[d] * u[f"weight_share/{d}"] / norm, abs=1e-6)
+    assert any(r["weight_ess"] < 4.0 - 1e-3 for r in skewed[2:])
+
+
+@pytest.mark.parametrize("weights,message", [
+    ({"code": 1.0, "numbers": 1.0}, "reweight.domain_weights: no weight for trained domain 'prose'"),
+    ({"code": 1.0, "numbers": 1.0, "prose": 1.0, "poetry": 1.0}, "reweight.domain_weights: 'poetry' is not a trained domain"),
+])
+def test_domain_weights_must_match_the_trained_domains(prepared_dir, tmp_path, capsys, weights, message):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data: {{prepared: {prepared_dir}}}\nmodel: {{size: tiny}}\n"
+                   f"reweight: {{strategy: domain, domain_weights: {json.dumps(weights)}}}\n")
+    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
 def test_resume_reproduces_the_uninterrupted_run(prepared_dir, tmp_path):
     cfg = tiny_config(prepared_dir, train={"max_steps": 10, "checkpoint_interval": 4, "eval_interval": 0},
                       reweight={"strategy": "linupper", "r": 0.4, "warmup_steps": 2})

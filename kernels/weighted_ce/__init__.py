@@ -1,10 +1,21 @@
-"""Reweighted linear cross-entropy (LM head + CE + Sow et al. instance weights), one op laid out
-like a Liger-Kernel op:
+"""Reweighted linear cross-entropy (LM head + CE + Sow et al. instance weights): the public API of
+the loss kernels, imported as ``megareweight.kernels.weighted_ce``.
 
+Why that name: the files live in the repository's top-level ``kernels/`` folder, but the import
+name ``kernels`` belongs to Hugging Face's package (which transformers requires), so this folder has
+no ``__init__.py`` and is reached only through ``megareweight/kernels`` (a link to it). One op laid
+out like a Liger-Kernel op:
+
+* ``impls.py``          ``loss.impl`` -> function (:func:`get_loss_impl`);
 * ``reference.py``      plain autograd ground truth and the shared reweighting helpers;
 * ``function.py``       the autograd Function (fast / lean modes), chunk and mode selection;
 * ``epilogue.py``       the elementwise half in PyTorch ops or Triton kernels, same interface;
 * ``triton_kernels.py`` the Triton kernels (imported only when the Triton epilogue is used);
-* ``bench.py``          ``python -m kernels.bench``; the AOT check is ``python -m kernels.aot``.
+* ``bench.py``          ``python -m megareweight.kernels.bench``; the AOT check is ``python -m megareweight.kernels.aot``.
 """
-from kernels.weighted_ce.function import EPILOGUES, MODES, fused_linear_weighted_ce  # noqa: F401
+from megareweight.kernels.weighted_ce.function import EPILOGUES, MODES, fused_linear_weighted_ce
+from megareweight.kernels.weighted_ce.impls import LOSS_IMPLS, get_loss_impl, triton_available
+from megareweight.kernels.weighted_ce.reference import LossOutput
+
+__all__ = ["EPILOGUES", "LOSS_IMPLS", "LossOutput", "MODES", "fused_linear_weighted_ce", "get_loss_impl",
+           "triton_available"]

@@ -1,6 +1,6 @@
 """Benchmark: LM head + per-sample reweighted CE, ours (fast / lean) against the usual peers.
 
-    python -m kernels.bench [--out DIR] [--quick] [--shapes 16384x4096x128256,...]
+    python -m megareweight.kernels.bench [--out DIR] [--quick] [--shapes 16384x4096x128256,...]
 
 Peers, all computing the same reweighted loss (strategy linupper, r=1): ``eager`` (materialise
 [N, V] logits, CE, weights: what a naive trainer does), ``compile`` (``torch.compile`` of that),
@@ -44,8 +44,8 @@ if not torch.cuda.is_available():
     # Must happen before anything imports triton (Liger does at import time).
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from kernels.weighted_ce.function import auto_chunk_size, fused_linear_weighted_ce  # noqa: E402
-from kernels.weighted_ce.reference import linear_weighted_ce as reference_ce, per_sample_ce  # noqa: E402
+from megareweight.kernels.weighted_ce.function import auto_chunk_size, fused_linear_weighted_ce  # noqa: E402
+from megareweight.kernels.weighted_ce.reference import linear_weighted_ce as reference_ce, per_sample_ce  # noqa: E402
 from megareweight.reweighting import weighted_loss  # noqa: E402
 
 #: Dense bf16 tensor-core peaks (TFLOP/s, without sparsity), matched by substring of the name.
@@ -329,7 +329,7 @@ def _run(out_dir: Path, quick: bool, argv: list[str], shapes) -> dict:
         del refs
     result = {
         "meta": {
-            "command": "python -m kernels.bench " + " ".join(shlex.quote(a) for a in argv),
+            "command": "python -m megareweight.kernels.bench " + " ".join(shlex.quote(a) for a in argv),
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "device": device_name,
             "driver": _driver() if on_cuda else None,
@@ -375,7 +375,7 @@ def default_out_dir() -> str:
 
 def main(argv: Optional[list[str]] = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m megareweight.kernels.bench", description=__doc__.splitlines()[0])
     default = default_out_dir()
     parser.add_argument("--out", default=default, help=f"output directory (default {default})")
     parser.add_argument("--quick", action="store_true", help="one shape (the target on GPU), few iterations, no compilers on CPU")

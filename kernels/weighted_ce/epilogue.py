@@ -1,6 +1,6 @@
 """The elementwise half of the algorithm, in two interchangeable implementations.
 
-:mod:`kernels.weighted_ce.function` runs the GEMMs and calls an epilogue for everything around
+:mod:`megareweight.kernels.weighted_ce.function` runs the GEMMs and calls an epilogue for everything around
 them; the epilogue is the only thing that differs between ``loss.impl=fused`` (Triton kernels,
 :class:`TritonEpilogue`) and ``loss.impl=chunked`` (PyTorch elementwise ops, :class:`TorchEpilogue`,
 the CPU training path). One algorithm, two ways of doing its elementwise part.
@@ -16,7 +16,7 @@ from typing import NamedTuple, Optional, Protocol
 
 import torch
 
-from kernels.weighted_ce.reference import sample_index
+from megareweight.kernels.weighted_ce.reference import sample_index
 
 
 class SampleLayout(NamedTuple):
@@ -48,7 +48,7 @@ def sample_layout(labels: torch.Tensor, segment_ids: Optional[torch.Tensor], num
 
 
 class EpilogueOps(Protocol):
-    """What :class:`kernels.weighted_ce.function.LinearWeightedCE` needs besides GEMMs."""
+    """What :class:`megareweight.kernels.weighted_ce.function.LinearWeightedCE` needs besides GEMMs."""
 
     name: str
 
@@ -101,18 +101,18 @@ class TorchEpilogue:
 
 
 class TritonEpilogue:
-    """Triton kernels (:mod:`kernels.weighted_ce.triton_kernels`): CUDA, or CPU tensors under
+    """Triton kernels (:mod:`megareweight.kernels.weighted_ce.triton_kernels`): CUDA, or CPU tensors under
     ``TRITON_INTERPRET=1`` (tests). Imported lazily so that ``import kernels`` needs no Triton."""
 
     name = "triton"
 
     def __init__(self, device: torch.device):
-        from kernels.weighted_ce import triton_kernels
+        from megareweight.kernels.weighted_ce import triton_kernels
 
         if device.type != "cuda" and not triton_kernels.INTERPRET:
             raise RuntimeError(
                 "the Triton epilogue (loss.impl=fused) needs CUDA tensors, or TRITON_INTERPRET=1 set "
-                "before kernels.weighted_ce.triton_kernels is imported; use loss.impl=chunked on CPU"
+                "before megareweight.kernels.weighted_ce.triton_kernels is imported; use loss.impl=chunked on CPU"
             )
         self._k = triton_kernels
 

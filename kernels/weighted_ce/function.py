@@ -35,7 +35,7 @@ but re-reads its H and W tiles from L2 for every output tile (N/128 * V/256 tile
 Triton's, not cuBLAS's (on H100, Triton bf16 GEMMs typically reach 60-75 % of peak against
 75-85 % for cuBLAS). cuBLAS + epilogue wins unless the Triton GEMM gets within ~7 % of cuBLAS,
 and fast mode needs the logits written anyway (they become G). To be confirmed by
-``python -m kernels.bench`` on a GPU.
+``python -m megareweight.kernels.bench`` on a GPU.
 
 Determinism: GEMMs, the Triton epilogues (no atomics, fixed reduction trees), the sorted-segment
 per-sample sums and the reweighting are all order-fixed, so identical inputs give identical bits.
@@ -47,8 +47,8 @@ from typing import NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
-from kernels.weighted_ce.epilogue import EpilogueOps, SampleLayout, TorchEpilogue, TritonEpilogue, sample_layout
-from kernels.weighted_ce.reference import LossOutput, check_strategy, reweight_from_sums
+from megareweight.kernels.weighted_ce.epilogue import EpilogueOps, SampleLayout, TorchEpilogue, TritonEpilogue, sample_layout
+from megareweight.kernels.weighted_ce.reference import LossOutput, check_strategy, reweight_from_sums, samples_per_call
 
 MODES = ("auto", "fast", "lean")
 EPILOGUES = ("auto", "triton", "torch")
@@ -83,6 +83,7 @@ class Reweighting(NamedTuple):
     delta: float
     ignore_index: int
     group: Optional[dist.ProcessGroup]
+    log_prior: Optional[torch.Tensor] = None  # [S] per-sample log weights (the ``domain`` strategy)
 
 
 def _round_down(x: int, multiple: int) -> int:
@@ -184,7 +185,7 @@ class LinearWeightedCE(torch.autograd.Function):
         valid = labels != rw.ignore_index
         token_loss = torch.where(valid, lse - target, torch.zeros_like(lse))
         sums, counts = ep.segment_sums(token_loss, valid.float(), layout)
-        out = reweight_from_sums(sums, counts, rw.strategy, rw.r, rw.delta, rw.group)
+        out = reweight_from_sums(sums, counts, rw.strategy, rw.r, rw.delta, rw.group, rw.log_prior)
         coef = torch.where(valid, out.coef[layout.index], torch.zeros_like(lse))
         ctx.fast, ctx.plan, ctx.dtype = fast, plan, h.dtype
         if fast:
@@ -271,7 +272,7 @@ def lean_blocks(n: int, v: int, chunk: int, need_h: bool, need_w: bool) -> list[
 
 def _epilogue(name: str, device: torch.device) -> EpilogueOps:
     if name == "auto":
-        from kernels import triton_available
+        from megareweight.kernels.weighted_ce.impls import triton_available  # here: impls imports this module
 
         name = "triton" if device.type == "cuda" and triton_available() else "torch"
     return TritonEpilogue(device) if name == "triton" else TorchEpilogue()
@@ -299,12 +300,13 @@ def fused_linear_weighted_ce(
     group: Optional[dist.ProcessGroup] = None,
     segment_ids: Optional[torch.Tensor] = None,
     num_segments: Optional[int] = None,
+    sample_log_prior: Optional[torch.Tensor] = None,
     mode: str = "auto",
     chunk_size: Optional[int] = None,
     epilogue: str = "auto",
 ) -> LossOutput:
     """Reweighted LM-head cross-entropy without [N, V] fp32 logits; contract of
-    :func:`kernels.reference.linear_weighted_ce` plus:
+    :func:`megareweight.kernels.weighted_ce.reference.linear_weighted_ce` plus:
 
     ``mode``: ``"fast"`` (6NDV, stores the unscaled gradient: N*V*itemsize + N*D*4 bytes),
     ``"lean"`` (8NDV, one logit block of memory) or ``"auto"`` (fast when that fits
@@ -315,9 +317,9 @@ def fused_linear_weighted_ce(
     Under ``torch.autocast`` the GEMMs run in the autocast dtype, as the reference's matmul does;
     otherwise in the promoted dtype of ``hidden`` and ``weight``.
     """
-    check_strategy(strategy)
-    check_options(mode, chunk_size, epilogue)
     b, t, d = hidden.shape
+    check_strategy(strategy, sample_log_prior, samples_per_call(b, segment_ids, num_segments))
+    check_options(mode, chunk_size, epilogue)
     if weight.dim() != 2 or weight.shape[1] != d:
         raise ValueError(f"weight: expected [V, {d}] to match hidden [B, T, {d}], got {tuple(weight.shape)}")
     if tuple(labels.shape) != (b, t):
@@ -337,7 +339,7 @@ def fused_linear_weighted_ce(
         _epilogue(epilogue, device),
     )
     layout = sample_layout(labels, segment_ids, num_segments)
-    rw = Reweighting(strategy, float(r), float(delta), int(ignore_index), group)
+    rw = Reweighting(strategy, float(r), float(delta), int(ignore_index), group, sample_log_prior)
     with torch.autocast(device.type, enabled=False):
         loss, per_sample, weights = LinearWeightedCE.apply(h2d, w, labels.reshape(-1).long().contiguous(), layout, rw, plan)
     return LossOutput(loss, per_sample, weights)

@@ -1,9 +1,9 @@
 """Plain-autograd ground truth of the reweighted linear cross-entropy: materialises [N, V] logits.
 
-Same contract as :func:`kernels.fused_linear_weighted_ce` (without its ``mode``/``chunk_size``/
+Same contract as :func:`megareweight.kernels.weighted_ce.fused_linear_weighted_ce` (without its ``mode``/``chunk_size``/
 ``epilogue`` knobs); it is the ground truth for the kernel tests and ``loss.impl=reference``. The
 small helpers below (:func:`sample_index`, :func:`reweight_from_sums`) are shared with
-:mod:`kernels.weighted_ce.function` so that both agree on what a sample is and on the weights.
+:mod:`megareweight.kernels.weighted_ce.function` so that both agree on what a sample is and on the weights.
 
 Reweighting follows Sow et al. (ICLR 2025), see :mod:`megareweight.reweighting`:
 ``l_i`` = mean token CE of sample i; ``x_i = 2*delta*(l_i - (l_max+l_min)/2) / max(l_max-l_min,
@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from megareweight.reweighting import STRATEGIES, compute_weights, weighted_loss
-from megareweight.reweighting.weights import _gather
+from megareweight.reweighting.weights import _gather, check_prior, gather_prior
 
 
 class LossOutput(NamedTuple):
@@ -32,12 +32,25 @@ class LossOutput(NamedTuple):
     weights: torch.Tensor
 
 
-def check_strategy(strategy: str) -> None:
-    """Fail before any heavy compute (and before a collective) on a misspelt strategy."""
+def check_strategy(strategy: str, sample_log_prior: Optional[torch.Tensor] = None, num_samples: Optional[int] = None) -> None:
+    """Fail before any heavy compute (and before a collective) on a misspelt strategy, a ``domain``
+    strategy without its per-sample log weights, or log weights of the wrong length."""
     if strategy not in STRATEGIES:
         raise ValueError(
             f"unknown reweighting strategy {strategy!r}; allowed: {', '.join(sorted(STRATEGIES))}"
         )
+    check_prior(strategy, sample_log_prior)
+    if sample_log_prior is not None and num_samples is not None and tuple(sample_log_prior.shape) != (num_samples,):
+        raise ValueError(f"sample_log_prior: expected shape ({num_samples},) (one per sample), "
+                         f"got {tuple(sample_log_prior.shape)}")
+
+
+def samples_per_call(rows: int, segment_ids: Optional[torch.Tensor], num_segments: Optional[int]) -> Optional[int]:
+    """Samples of one call without a host read: a row each, or ``num_segments`` per row (None:
+    unknown until ``segment_ids.max()`` is read)."""
+    if segment_ids is None:
+        return rows
+    return rows * num_segments if num_segments else None
 
 
 def sample_index(labels: torch.Tensor, segment_ids: Optional[torch.Tensor], num_segments: Optional[int]) -> tuple[torch.Tensor, int]:
@@ -87,6 +100,7 @@ def reweight_from_sums(
     r: float,
     delta: float,
     group: Optional[dist.ProcessGroup],
+    log_prior: Optional[torch.Tensor] = None,
 ) -> Epilogue:
     """Per-sample sums/counts -> all-gather -> global weights -> this rank's weighted loss.
 
@@ -101,7 +115,8 @@ def reweight_from_sums(
     local_valid = has_tokens & torch.isfinite(losses)
     wire = torch.where(local_valid, losses, torch.full_like(losses, float("nan")))
     global_losses, rank, world = _gather(wire, group)
-    weights = compute_weights(global_losses, strategy, r, delta, torch.isfinite(global_losses))
+    weights = compute_weights(global_losses, strategy, r, delta, torch.isfinite(global_losses),
+                              gather_prior(log_prior, group))
     s = losses.shape[0]
     local_w = weights[rank * s : (rank + 1) * s]
     safe = torch.where(local_valid, losses, torch.zeros_like(losses))
@@ -123,20 +138,23 @@ def linear_weighted_ce(
     group: Optional[dist.ProcessGroup] = None,
     segment_ids: Optional[torch.Tensor] = None,
     num_segments: Optional[int] = None,
+    sample_log_prior: Optional[torch.Tensor] = None,
 ) -> LossOutput:
     """Logits = hidden @ weight.T in the inputs' dtype, CE in fp32, then the reweighted loss.
 
     Plain autograd through everything, so it is slow and memory-hungry ([N, V] logits plus their
     fp32 copy and gradient) but obviously right: the other paths are tested against it.
+    ``sample_log_prior`` [S]: per-sample log weights (the ``domain`` strategy), see
+    :func:`megareweight.reweighting.compute_weights`.
     """
-    check_strategy(strategy)
     b, t, d = hidden.shape
+    check_strategy(strategy, sample_log_prior, samples_per_call(b, segment_ids, num_segments))
     logits = (hidden.reshape(-1, d) @ weight.t()).float()
     flat = labels.reshape(-1)
     valid = flat != ignore_index
     token_losses = F.cross_entropy(logits, torch.where(valid, flat, torch.zeros_like(flat)), reduction="none")
     index, n = sample_index(labels, segment_ids, num_segments)
     losses, counts = per_sample_ce(token_losses, valid, index, n)
-    out = weighted_loss(losses, strategy, r, group=group, delta=delta, mask=counts > 0)
+    out = weighted_loss(losses, strategy, r, group=group, delta=delta, mask=counts > 0, log_prior=sample_log_prior)
     per_sample = torch.where(counts > 0, losses.detach(), torch.full_like(losses, float("nan")))
     return LossOutput(out.loss, per_sample, out.weights)

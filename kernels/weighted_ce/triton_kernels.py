@@ -38,7 +38,7 @@ import triton.language as tl
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 #: Columns per tile. GPU values are first guesses to be tuned on an H100 (``python -m
-#: kernels.bench``); 4096 bf16 columns = 8 KiB per tile, 16 per thread with 8 warps.
+#: megareweight.kernels.bench``); 4096 bf16 columns = 8 KiB per tile, 16 per thread with 8 warps.
 MAX_BLOCK_V = 4096
 ROW_WARPS = 8
 SEGMENT_BLOCK = 1024
@@ -48,7 +48,7 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 class Launch(NamedTuple):
     """A kernel with its grid, arguments and launch options, built by one function and used both
-    to run it and, by :mod:`kernels.aot`, to compile exactly what the runtime would compile."""
+    to run it and, by :mod:`megareweight.kernels.aot`, to compile exactly what the runtime would compile."""
 
     kernel: Any
     grid: tuple[int, ...]

@@ -1,6 +1,6 @@
 """LLaMA-style decoder: RMSNorm, rotary embeddings, SwiGLU, PyTorch SDPA attention.
 
-``forward`` returns the final hidden states, not logits: the loss (``kernels``) multiplies them with
+``forward`` returns the final hidden states, not logits: the loss (``megareweight.kernels``) multiplies them with
 ``output_weight`` tile by tile so that the [N, V] logits never exist at once. That happens inside
 :class:`LMHead`'s ``forward`` (see there why). ``logits()`` is there for evaluation and export.
 
@@ -271,7 +271,7 @@ class LMHead(nn.Module):
         return self._tied[0].weight if self._tied else self.weight
 
     def forward(self, hidden: torch.Tensor, labels: torch.Tensor, *, loss_fn: Callable, **loss_kwargs):
-        """``loss_fn(hidden, matrix, labels, **loss_kwargs)`` (a :mod:`kernels` loss)."""
+        """``loss_fn(hidden, matrix, labels, **loss_kwargs)`` (a :mod:`megareweight.kernels.weighted_ce` loss)."""
         return loss_fn(hidden, self.matrix, labels, **loss_kwargs)
 
 

@@ -8,7 +8,12 @@ official code (Sow et al., ICLR 2025):
 * ``quadratic`` = 1 - x^2 / delta^2: favours medium losses, down-weights both extremes;
 * ``extremes``  = |x|: favours both the easiest and the hardest samples;
 * ``linear``    = 0.5 * x + 0.5 * delta: monotone in the loss;
-* ``uniform``   = no reweighting, every sample weighs 1/G.
+* ``uniform``   = no reweighting, every sample weighs 1/G;
+* ``domain``    = a constant weight per domain (``reweight.domain_weights``), not a function of the
+  loss: its score is 0 and the weights come from the per-sample log prior ``log c_domain``
+  (:func:`megareweight.reweighting.weights.compute_weights`), so ``w_i = c_{d(i)} / sum_j c_{d(j)}``
+  over the global batch. It is the loss-side counterpart of ``data.mixture`` and the control that
+  separates a domain-level shift from instance-level reweighting.
 """
 from __future__ import annotations
 
@@ -45,7 +50,11 @@ STRATEGIES: dict[str, Strategy] = {
     "linupper": _linupper,
     "quadratic": _quadratic,
     "extremes": _extremes,
+    "domain": _uniform,
 }
+
+#: Strategies whose weights need a per-sample log prior (the caller supplies it).
+PRIOR_STRATEGIES = ("domain",)
 
 
 def strategy_scores(x: torch.Tensor, strategy: str, delta: float = 1.0) -> torch.Tensor:

@@ -15,7 +15,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
-from megareweight.reweighting.strategies import strategy_scores
+from megareweight.reweighting.strategies import PRIOR_STRATEGIES, strategy_scores
 
 #: Smallest loss range used by the normalisation (the seed code's epsilon).
 MIN_RANGE = 1e-6
@@ -62,25 +62,38 @@ def normalize_losses(
     return torch.where(valid, x, torch.zeros_like(x))
 
 
+def check_prior(strategy: str, log_prior: Optional[torch.Tensor]) -> None:
+    """The ``domain`` strategy has no weights without its per-sample prior: fail loudly, not uniformly."""
+    if strategy in PRIOR_STRATEGIES and log_prior is None:
+        raise ValueError(f"reweighting strategy {strategy!r} needs per-sample log weights (sample_log_prior); "
+                         "in training they come from reweight.domain_weights")
+
+
 def compute_weights(
     losses: torch.Tensor,
     strategy: str,
     r: float,
     delta: float = 1.0,
     mask: Optional[torch.Tensor] = None,
+    log_prior: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Weights over the global batch: ``softmax(f(x) / r)`` with invalid samples at weight 0.
+    """Weights over the global batch: ``softmax(f(x) / r + log_prior)`` with invalid samples at 0.
 
     The weights sum to 1 whenever at least one sample is valid and are all 0 otherwise (the
     trainer then skips the step). ``r`` is the temperature: ``r -> inf`` gives uniform weights and
-    the largest possible weight ratio is ``exp(range(f) / r)``.
+    the largest possible weight ratio is ``exp(range(f) / r)``. ``log_prior`` (per sample, same
+    shape as ``losses``) multiplies each sample's weight by ``exp(log_prior)`` before the
+    normalisation; the ``domain`` strategy's weights are exactly that (score 0).
     """
+    check_prior(strategy, log_prior)
     if r <= 0:
         raise ValueError(f"temperature r must be > 0, got {r}")
     losses = losses.detach().float()
     valid = _valid_mask(losses, mask)
     x = normalize_losses(losses, delta, valid)
     scores = strategy_scores(x, strategy, delta) / r
+    if log_prior is not None:
+        scores = scores + log_prior.detach().float()
     scores = torch.where(valid, scores, torch.full_like(scores, float("-inf")))
     # Softmax by hand so that an all-invalid batch gives zeros, not NaN.
     top = torch.where(valid.any(), scores.amax(), torch.zeros((), device=scores.device))
@@ -107,6 +120,13 @@ def _gather(losses: torch.Tensor, group: Optional[dist.ProcessGroup]) -> tuple[t
     return torch.cat(parts), dist.get_rank(group), world
 
 
+def gather_prior(log_prior: Optional[torch.Tensor], group: Optional[dist.ProcessGroup]) -> Optional[torch.Tensor]:
+    """This rank's per-sample log prior -> the global batch's (rank-major, like the losses)."""
+    if log_prior is None:
+        return None
+    return _gather(log_prior.detach().float(), group)[0]
+
+
 def weighted_loss(
     per_sample_losses: torch.Tensor,
     strategy: str,
@@ -114,19 +134,23 @@ def weighted_loss(
     group: Optional[dist.ProcessGroup] = None,
     delta: float = 1.0,
     mask: Optional[torch.Tensor] = None,
+    log_prior: Optional[torch.Tensor] = None,
 ) -> WeightedLoss:
     """Reweighted loss of this rank's samples, with weights computed over the global batch.
 
     ``per_sample_losses`` [b] carries gradients; ``mask`` [b] marks scorable samples (e.g. those
-    with at least one non-ignored token). Returns ``sum_i w_i * l_i * world_size`` over this
-    rank's slice, so that DDP/ZeRO's gradient *average* over ranks yields ``sum_i w_i grad l_i``.
+    with at least one non-ignored token); ``log_prior`` [b] is this rank's per-sample log weight
+    (the ``domain`` strategy), all-gathered like the losses. Returns ``sum_i w_i * l_i * world_size``
+    over this rank's slice, so that DDP/ZeRO's gradient *average* over ranks yields
+    ``sum_i w_i grad l_i``.
     """
     local = per_sample_losses.detach().float()
     local_valid = _valid_mask(local, mask)
     wire = torch.where(local_valid, local, torch.full_like(local, float("nan")))
     global_losses, rank, world = _gather(wire, group)
     global_valid = torch.isfinite(global_losses)
-    weights = compute_weights(global_losses, strategy, r, delta, global_valid)
+    global_prior = gather_prior(log_prior, group)
+    weights = compute_weights(global_losses, strategy, r, delta, global_valid, global_prior)
     b = per_sample_losses.shape[0]
     local_w = weights[rank * b : (rank + 1) * b].to(per_sample_losses.dtype)
     safe = torch.where(local_valid, per_sample_losses, torch.zeros_like(per_sample_losses))

@@ -236,7 +236,8 @@ class DeepSpeedEngine:
     # -- step ----------------------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor], strategy: str, r: float):
         batch = to_device(batch, self.device)
-        return self.engine(batch["input_ids"], batch["labels"], strategy, r, segment_ids=batch.get("segment_ids"))
+        return self.engine(batch["input_ids"], batch["labels"], strategy, r, segment_ids=batch.get("segment_ids"),
+                           domain_ids=batch.get("domain_ids"))
 
     def backward(self, loss: torch.Tensor) -> None:
         """Accumulate (DeepSpeed scales by 1/gas). Between boundaries DeepSpeed's ``step`` only

@@ -85,7 +85,8 @@ class PlainEngine:
     def forward(self, batch: dict[str, torch.Tensor], strategy: str, r: float):
         batch = to_device(batch, self.device)
         with self._autocast():
-            return self.module(batch["input_ids"], batch["labels"], strategy, r, segment_ids=batch.get("segment_ids"))
+            return self.module(batch["input_ids"], batch["labels"], strategy, r, segment_ids=batch.get("segment_ids"),
+                           domain_ids=batch.get("domain_ids"))
 
     def backward(self, loss: torch.Tensor) -> None:
         loss = loss / self.grad_accum

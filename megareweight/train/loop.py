@@ -104,6 +104,22 @@ def plan_domains(cfg: ExperimentConfig, data: PreparedData) -> DomainPlan:
     return DomainPlan(train=list(train), weights=weights, eval=list(eval_domains))
 
 
+def loss_domain_weights(cfg: ExperimentConfig, plan: DomainPlan) -> Optional[list[float]]:
+    """``reweight.domain_weights`` in the sampler's domain order (None unless strategy: domain);
+    every trained domain needs a weight and every key must be a trained domain."""
+    given = cfg.reweight.domain_weights
+    if cfg.reweight.strategy != "domain" or given is None:
+        return None
+    unknown = [k for k in given if k not in plan.train]
+    if unknown:
+        raise ValueError(f"reweight.domain_weights: {unknown[0]!r} is not a trained domain; trained: {', '.join(plan.train)}")
+    missing = [k for k in plan.train if k not in given]
+    if missing:
+        raise ValueError(f"reweight.domain_weights: no weight for trained domain {missing[0]!r}; "
+                         f"give one for each of: {', '.join(plan.train)}")
+    return [float(given[k]) for k in plan.train]
+
+
 @torch.no_grad()
 def evaluate(engine, data: PreparedData, domains: list[str], cfg: ExperimentConfig) -> dict[str, float]:
     """Mean token loss of each domain's fixed validation windows (reduced over ranks)."""
@@ -210,7 +226,7 @@ def train(
 def _train(cfg: ExperimentConfig, out: Path, factory: Callable[[ReweightedLM, ExperimentConfig], Any], progress: bool,
            data: PreparedData, plan: DomainPlan, run: run_dir.RunInfo,
            point: Optional[resume_policy.ResumePoint], stop: StopRequests) -> TrainResult:
-    from kernels import get_loss_impl
+    from megareweight.kernels.weighted_ce import get_loss_impl
 
     start_time = time.time()
     schedule = ReweightSchedule(**{f.name: getattr(cfg.reweight, f.name) for f in dataclasses.fields(ReweightSchedule)})
@@ -228,7 +244,7 @@ def _train(cfg: ExperimentConfig, out: Path, factory: Callable[[ReweightedLM, Ex
     num_segments = cfg.reweight.max_documents if cfg.reweight.unit == "document" else None
     injector = faults.from_env(distributed.rank())
     engine = factory(ReweightedLM(model, injector.wrap(loss_fn) if injector else loss_fn, cfg.reweight.delta,
-                                  num_segments=num_segments), cfg)
+                                  num_segments=num_segments, domain_weights=loss_domain_weights(cfg, plan)), cfg)
     is_main = engine.rank == 0
 
     sampler = PrefetchLoader(

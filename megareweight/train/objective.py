@@ -23,26 +23,36 @@ import torch.nn as nn
 
 from megareweight.data.mixture import IGNORE_INDEX
 from megareweight.model import Transformer
+from megareweight.reweighting.strategies import PRIOR_STRATEGIES
 
 
 class ReweightedLM(nn.Module):
     """``forward(input_ids, labels, strategy, r)`` -> ``(loss, per_sample_loss, weights)``."""
 
     def __init__(self, model: Transformer, loss_fn: Callable, delta: float = 1.0, group: Optional[dist.ProcessGroup] = None,
-                 num_segments: Optional[int] = None):
+                 num_segments: Optional[int] = None, domain_weights: Optional[list[float]] = None):
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
         self.delta = delta
         self.group = group
         self.num_segments = num_segments
+        if domain_weights is not None:
+            # log c_d per domain id (the sampler's order), on the module's device without a copy per
+            # step; not persistent: a config value, not a model parameter (checkpoints stay the same)
+            self.register_buffer("domain_log_weights", torch.log(torch.tensor(domain_weights, dtype=torch.float32)),
+                                 persistent=False)
+        else:
+            self.domain_log_weights = None
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, strategy: str = "uniform", r: float = 1.0,
-                segment_ids: Optional[torch.Tensor] = None):
+                segment_ids: Optional[torch.Tensor] = None, domain_ids: Optional[torch.Tensor] = None):
         hidden = self.model(input_ids, segment_ids)
         per_document = {}
         if segment_ids is not None and self.num_segments and self.training:
             per_document = {"segment_ids": segment_ids.clamp(max=self.num_segments - 1), "num_segments": self.num_segments}
+        if strategy in PRIOR_STRATEGIES:
+            per_document["sample_log_prior"] = self._sample_log_prior(domain_ids, "num_segments" in per_document)
         return self.model.lm_head(
             hidden,
             labels,
@@ -55,12 +65,19 @@ class ReweightedLM(nn.Module):
             **per_document,
         )
 
+    def _sample_log_prior(self, domain_ids: Optional[torch.Tensor], per_document: bool) -> torch.Tensor:
+        """log c_d of every loss sample: one per row, or ``num_segments`` per row."""
+        if self.domain_log_weights is None or domain_ids is None:
+            raise ValueError("reweight.strategy: domain needs reweight.domain_weights and the batch's domain ids")
+        prior = self.domain_log_weights[domain_ids.to(self.domain_log_weights.device).long()]
+        return prior.repeat_interleave(self.num_segments) if per_document else prior
+
 
 def per_sample_domains(batch: dict[str, torch.Tensor], num_segments: Optional[int]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Domain of every loss sample, and which samples hold a token (None: all of them).
 
     One sample per row, or ``num_segments`` per row with per-document samples (row-major, as
-    :func:`kernels.reference.sample_index` numbers them).
+    :func:`megareweight.kernels.weighted_ce.reference.sample_index` numbers them).
     """
     if not num_segments or "segment_ids" not in batch:
         return batch["domain_ids"], None

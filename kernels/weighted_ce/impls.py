@@ -1,6 +1,6 @@
-"""Loss kernels: LM head + cross-entropy + instance reweighting (Sow et al., ICLR 2025).
+"""Choosing a loss implementation: ``loss.impl`` (+ ``loss.mode``, ``loss.chunk_size``) -> a function.
 
-The public API. One algorithm (:mod:`kernels.weighted_ce.function`) in two modes (``fast``:
+One algorithm (:mod:`megareweight.kernels.weighted_ce.function`) in two modes (``fast``:
 6NDV FLOPs and a stored gradient; ``lean``: 8NDV and one logit block of memory) with two
 implementations of its elementwise part; ``loss.impl`` picks one of:
 
@@ -9,7 +9,7 @@ implementations of its elementwise part; ``loss.impl`` picks one of:
 * ``reference`` – plain autograd, materialises [N, V] logits (ground truth for tests);
 * ``auto``      – ``fused`` on CUDA when Triton is importable, else ``chunked``.
 
-Triton is imported lazily so that ``import kernels`` works where it is missing (macOS) and so that
+Triton is imported lazily so that ``import megareweight.kernels.weighted_ce`` works where it is missing (macOS) and so that
 ``TRITON_INTERPRET`` can still be set by the caller before the first Triton call.
 """
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Callable, Optional
 
 import torch
 
-from kernels.weighted_ce.function import MODES, check_options, fused_linear_weighted_ce
-from kernels.weighted_ce.reference import LossOutput
+from megareweight.kernels.weighted_ce.function import MODES, check_options, fused_linear_weighted_ce
+from megareweight.kernels.weighted_ce.reference import LossOutput
 
 LOSS_IMPLS = ("auto", "fused", "chunked", "reference")
 
@@ -47,7 +47,7 @@ def get_loss_impl(
     if name == "auto":
         name = "fused" if device.type == "cuda" and triton_available() else "chunked"
     if name == "reference":
-        from kernels.weighted_ce.reference import linear_weighted_ce
+        from megareweight.kernels.weighted_ce.reference import linear_weighted_ce
 
         return name, linear_weighted_ce
     if name == "fused" and not triton_available():
@@ -55,5 +55,3 @@ def get_loss_impl(
     epilogue = "triton" if name == "fused" else "torch"
     return name, functools.partial(fused_linear_weighted_ce, mode=mode, chunk_size=chunk_size, epilogue=epilogue)
 
-
-__all__ = ["LossOutput", "LOSS_IMPLS", "MODES", "fused_linear_weighted_ce", "get_loss_impl", "triton_available"]
