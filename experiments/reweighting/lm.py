@@ -50,6 +50,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -72,32 +73,84 @@ SEEDS = 5
 STEPS = 1500
 WARMUP_STEPS = 150
 EXTERNAL_TOKENS = 250_000
-#: method name -> reweight section
-METHODS: dict[str, dict[str, Any]] = {
-    "uniform": {"strategy": "uniform"},
-    "linupper_r0.4": {"strategy": "linupper", "r": 0.4},
-    "linupper_r1.0": {"strategy": "linupper", "r": 1.0},
-}
-BASELINE = "uniform"
-#: Every run of this experiment trains and evaluates with the ``megareweight``/``kernels`` code of
-#: this commit (a snapshot under ``<work>/code-<commit>``), not with the working tree: the experiment
-#: spans sessions while the branch moves on (e.g. a sampler change would alter the data order),
-#: and the pairing "same initialisation and data order per seed" must hold across all 15 runs.
-#: It is the commit the first runs started from. To rerun with newer code, change it and use a
-#: fresh ``--work`` directory.
-CODE_COMMIT = "746fff9d01c727225552b584ecfc5d0ba4d690c2"
+LR = 3e-3
+#: Where a domain-constant arm takes its per-seed weights: this method's mean ``weight_share`` over
+#: the post-warm-up steps of the same seed.
+SHARES_FROM = "linupper_r0.4"
 
 
-def run_config(prepared: Path, method: str, seed: int, steps: int = STEPS) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Experiment:
+    """One set of paired runs: its methods (name -> config overrides), the baseline every method
+    is compared with, the commit whose code trains all of them, and where its files go.
+
+    Every run trains and evaluates with the ``megareweight`` code of ``code_commit`` (a snapshot
+    under ``<work>/code-<commit>``), not with the working tree: an experiment spans sessions while
+    the branch moves on (a sampler change alters the data order), and the pairing "same
+    initialisation and data order per seed" must hold across all of its runs.
+    """
+
+    name: str
+    methods: dict[str, dict[str, Any]]
+    baseline: str
+    code_commit: str
+    prefix: str  # results file names: f"{prefix}results.json", f"{prefix}lm_results.md", ...
+    runs_dir: str  # under --work
+    #: the snapshot, not the working tree, prepares the data (a newer prepare may tokenise differently)
+    prepare_with_snapshot: bool
+
+    def lr(self, method: str) -> float:
+        return self.methods[method].get("lr", LR)
+
+    def reweight(self, method: str) -> dict[str, Any]:
+        return {k: v for k, v in self.methods[method].items() if k != "lr"}
+
+    def file(self, name: str) -> str:
+        return f"{self.prefix}{name}"
+
+
+#: The powered experiment (issue 13): 15 runs from the commit the first runs started from.
+MAIN = Experiment(
+    name="main",
+    methods={"uniform": {"strategy": "uniform"},
+             "linupper_r0.4": {"strategy": "linupper", "r": 0.4},
+             "linupper_r1.0": {"strategy": "linupper", "r": 1.0}},
+    baseline="uniform", code_commit="746fff9d01c727225552b584ecfc5d0ba4d690c2", prefix="", runs_dir="runs",
+    prepare_with_snapshot=False)
+#: The controls (issue 21), 25 runs from one newer commit (the first with ``reweight.strategy: domain``;
+#: its sampler orders data differently from MAIN's, so A and B are trained again and nothing is
+#: paired across the two experiments): A uniform, B LinUpper r = 0.4, C domain-constant weights
+#: equal to B's mean post-warm-up weight shares of the same seed, D the step-size arms.
+CONTROLS = Experiment(
+    name="controls",
+    methods={"uniform": {"strategy": "uniform"},
+             "linupper_r0.4": {"strategy": "linupper", "r": 0.4},
+             "domain_shares": {"strategy": "domain"},
+             "uniform_lr6e-3": {"strategy": "uniform", "lr": 6e-3},
+             "linupper_r0.4_lr1.5e-3": {"strategy": "linupper", "r": 0.4, "lr": 1.5e-3}},
+    baseline="uniform", code_commit="852325aa276e8dbf7f9388ecd1bc02a6d0728c16", prefix="controls_",
+    runs_dir="controls", prepare_with_snapshot=True)
+EXPERIMENTS = {e.name: e for e in (MAIN, CONTROLS)}
+# Names the tests and older callers use (the main experiment's).
+METHODS, BASELINE, CODE_COMMIT = MAIN.methods, MAIN.baseline, MAIN.code_commit
+
+
+def run_config(prepared: Path, method: str, seed: int, steps: int = STEPS, exp: Experiment = MAIN,
+               domain_weights: Optional[dict[str, float]] = None) -> dict[str, Any]:
     """The training config of one run (see the module docstring for why each value)."""
+    reweight = {"delta": 1.0, "warmup_steps": WARMUP_STEPS, "warmup_mode": "uniform", **exp.reweight(method)}
+    if reweight["strategy"] == "domain":
+        if domain_weights is None:
+            raise ValueError(f"{method} seed {seed}: needs the weight shares of {SHARES_FROM} seed {seed}")
+        reweight["domain_weights"] = domain_weights
     return {
         "model": {"size": "small", "d_model": 192, "n_layers": 4, "n_heads": 6, "ffn_dim": 512},
         "data": {"prepared": str(prepared), "mixture": "uniform", "train_domains": TRAIN_DOMAINS,
                  "eval_domains": TRAIN_DOMAINS + HELDOUT_DOMAINS, "seq_len": 128, "micro_batch_size": 32,
                  "eval_sequences": 160},
-        "reweight": {"delta": 1.0, "warmup_steps": WARMUP_STEPS, "warmup_mode": "uniform", **METHODS[method]},
+        "reweight": reweight,
         "loss": {"impl": "reference"},  # ~15 % faster than chunked on CPU at V = 4096 (measured)
-        "optim": {"lr": 3e-3, "warmup_steps": 50, "min_lr_ratio": 0.1},
+        "optim": {"lr": exp.lr(method), "warmup_steps": 50, "min_lr_ratio": 0.1},
         "train": {"seed": seed, "max_steps": steps, "eval_interval": 125, "checkpoint_interval": 100,
                   "keep_checkpoints": 1, "histogram_interval": 0},
         "wandb": {"mode": "disabled"},
@@ -106,18 +159,29 @@ def run_config(prepared: Path, method: str, seed: int, steps: int = STEPS) -> di
 
 # --- preparation ------------------------------------------------------------------------------------
 
-def ensure_inputs(work: Path, corpus: Path) -> tuple[Path, Path]:
-    """Prepared six-domain data (vocab 4096) and the fortunes JSONL, built once under ``work``."""
+def ensure_inputs(work: Path, corpus: Path, exp: Experiment = MAIN) -> tuple[Path, Path]:
+    """Prepared six-domain data (vocab 4096) and the fortunes JSONL, built once under ``work``.
+
+    An experiment with ``prepare_with_snapshot`` prepares with its own pinned code (in a
+    subprocess), into a directory named after the commit: a new machine rebuilds the same data.
+    """
     from megareweight.data.shards import PreparedData, ShardError
 
-    prepared = work / "prepared"
+    prepared = work / ("prepared-" + exp.code_commit[:12] if exp.prepare_with_snapshot else "prepared")
     try:
         PreparedData.open(prepared)
     except ShardError:
-        from megareweight.data.prepare import prepare
-
         print(f"[lm] preparing {corpus} -> {prepared} (vocab 4096)", flush=True)
-        prepare(corpus, prepared, vocab_size=4096, progress=False)
+        if exp.prepare_with_snapshot:
+            code = code_snapshot(work, exp.code_commit)
+            script = ("import sys; from megareweight.data.prepare import prepare; "
+                      "prepare(sys.argv[1], sys.argv[2], vocab_size=4096, progress=False)")
+            subprocess.run([sys.executable, "-c", script, str(corpus), str(prepared)], check=True, cwd=code,
+                           env={**os.environ, "PYTHONPATH": str(code)})
+        else:
+            from megareweight.data.prepare import prepare
+
+            prepare(corpus, prepared, vocab_size=4096, progress=False)
     external = work / "heldout" / f"{EXTERNAL}.jsonl"
     if not external.is_file():
         sys.path.insert(0, str(HERE))
@@ -130,8 +194,8 @@ def ensure_inputs(work: Path, corpus: Path) -> tuple[Path, Path]:
 
 # --- running ----------------------------------------------------------------------------------------
 
-def run_dir(work: Path, method: str, seed: int) -> Path:
-    return work / "runs" / f"{method}-seed{seed}"
+def run_dir(work: Path, method: str, seed: int, exp: Experiment = MAIN) -> Path:
+    return work / exp.runs_dir / f"{method}-seed{seed}"
 
 
 def _same_values(asked: dict[str, Any], saved: dict[str, Any]) -> bool:
@@ -146,6 +210,16 @@ def _same_values(asked: dict[str, Any], saved: dict[str, Any]) -> bool:
     return True
 
 
+def shares_of(work: Path, out: Path, seed: int, exp: Experiment) -> Optional[dict[str, float]]:
+    """Mean post-warm-up ``weight_share/<domain>`` of ``SHARES_FROM`` seed ``seed``: from its run
+    directory when finished there, else from the committed results file; None before it finishes."""
+    run = load_run(work, SHARES_FROM, seed, exp)
+    if run is not None:
+        return run["weight_share_post_warmup"]
+    saved = committed_runs(out, exp).get((SHARES_FROM, seed))
+    return saved["weight_share_post_warmup"] if saved else None
+
+
 def is_finished(out: Path, cfg: dict[str, Any]) -> bool:
     """Finished = summary.json, the external eval, and the values this experiment asked for."""
     if not ((out / "summary.json").is_file() and (out / "external_eval.json").is_file()):
@@ -154,7 +228,8 @@ def is_finished(out: Path, cfg: dict[str, Any]) -> bool:
 
 
 def code_snapshot(work: Path, commit: str = CODE_COMMIT) -> Path:
-    """``git archive`` of ``megareweight/`` and ``kernels/`` at ``commit`` under ``work`` (once)."""
+    """``git archive`` of ``megareweight/`` and ``kernels/`` at ``commit`` under ``work`` (once;
+    from 852325a on, ``megareweight/kernels`` is a link to ``kernels/`` and the archive keeps it)."""
     root = work / f"code-{commit[:12]}"
     if (root / ".complete").is_file():
         return root
@@ -189,19 +264,19 @@ def trainer_alive(out: Path) -> bool:
 
 
 def train_one(work: Path, prepared: Path, external: Path, method: str, seed: int, threads: int,
-              steps: int = STEPS) -> Optional[str]:
+              steps: int = STEPS, exp: Experiment = MAIN, domain_weights: Optional[dict[str, float]] = None) -> Optional[str]:
     """Train (or resume) one run in a subprocess with ``threads`` torch threads, then score the
     external text. Returns an error line or None.
 
     A lock file in the run directory (``flock``, inherited by the trainer subprocess, released
     when every holder exits) keeps two invocations of ``run`` from training the same run at once.
     """
-    out = run_dir(work, method, seed)
-    cfg = run_config(prepared, method, seed, steps)
+    out = run_dir(work, method, seed, exp)
+    cfg = run_config(prepared, method, seed, steps, exp, domain_weights)
     if is_finished(out, cfg):
         return None
     out.mkdir(parents=True, exist_ok=True)
-    lock = open(out / ".lock", "w")
+    lock = open(out / ".lm.lock", "w")  # not .lock: that is the trainer's own run-directory lock
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -211,17 +286,18 @@ def train_one(work: Path, prepared: Path, external: Path, method: str, seed: int
     try:
         while trainer_alive(out):  # left running by a stopped invocation: let it finish, then resume
             time.sleep(10)
-        return _train_locked(out, cfg, external, method, seed, threads, lock.fileno(), code_snapshot(work))
+        return _train_locked(out, cfg, external, method, seed, threads, lock.fileno(),
+                             code_snapshot(work, exp.code_commit), exp.code_commit)
     finally:
         lock.close()
 
 
 def _train_locked(out: Path, cfg: dict[str, Any], external: Path, method: str, seed: int, threads: int,
-                  lock_fd: int, code: Path) -> Optional[str]:
+                  lock_fd: int, code: Path, commit: str = CODE_COMMIT) -> Optional[str]:
     cfg_path = out / "requested_config.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     with open(out / "code_versions.jsonl", "a") as fh:
-        fh.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "commit": CODE_COMMIT}) + "\n")
+        fh.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "commit": commit}) + "\n")
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "PYTHONPATH": str(code), "WANDB_MODE": "disabled"}
     log = open(out / "train.log", "a")
@@ -258,44 +334,67 @@ def git_commit(paths: list[Path], message: str) -> None:
     print(f"[lm] warning: could not commit results: {commit.stderr.strip()}", flush=True)
 
 
-def run_order(work: Path, seeds: int, first: list[str]) -> list[tuple[str, int]]:
+def run_order(work: Path, seeds: int, first: list[str], exp: Experiment = MAIN) -> list[tuple[str, int]]:
     """The queue: runs already started (they have a checkpoint) first, then the ``first`` methods
     for every seed, then the others; seed-major within each group, so that partial results stay
-    paired."""
-    unknown = sorted(set(first) - set(METHODS))
+    paired. Within a seed, ``SHARES_FROM`` comes first and a domain-constant arm after the
+    baseline, so that two workers rarely wait for the shares they need."""
+    unknown = sorted(set(first) - set(exp.methods))
     if unknown:
-        raise SystemExit(f"lm.py: --first: unknown method(s) {', '.join(unknown)}; allowed: {', '.join(METHODS)}")
-    queue = [(m, s) for s in range(seeds) for m in METHODS]
+        raise SystemExit(f"lm.py: --first: unknown method(s) {', '.join(unknown)}; allowed: {', '.join(exp.methods)}")
+    if exp is MAIN:
+        order = list(exp.methods)
+    else:
+        order = sorted(exp.methods, key=lambda m: (m != SHARES_FROM, m != exp.baseline, list(exp.methods).index(m)))
+    queue = [(m, s) for s in range(seeds) for m in order]
 
     def key(item: tuple[str, int]) -> tuple[int, int]:
-        started = (run_dir(work, *item) / "checkpoints" / "latest").exists()
+        started = (run_dir(work, *item, exp) / "checkpoints" / "latest").exists()
         return (0 if started else 1 if item[0] in first else 2, queue.index(item))
 
     return sorted(queue, key=key)
 
 
+def needs_shares(exp: Experiment, method: str) -> bool:
+    return exp.reweight(method)["strategy"] == "domain"
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    exp = EXPERIMENTS[args.experiment]
     work, out = Path(args.work).resolve(), Path(args.out)
-    prepared, external = ensure_inputs(work, Path(args.corpus))
-    done = committed_runs(out)
-    queue = [item for item in run_order(work, args.seeds, args.first.split(",") if args.first else [])
-             if item not in done or (run_dir(work, *item) / "checkpoints" / "latest").exists()]
+    prepared, external = ensure_inputs(work, Path(args.corpus), exp)
+    done = committed_runs(out, exp)
+    queue = [item for item in run_order(work, args.seeds, args.first.split(",") if args.first else [], exp)
+             if item not in done or (run_dir(work, *item, exp) / "checkpoints" / "latest").exists()]
     errors: list[str] = []
+    failed: set[tuple[str, int]] = set()
 
     def job(item: tuple[str, int]) -> None:
         method, seed = item
-        err = train_one(work, prepared, external, method, seed, args.threads, args.steps)
+        weights = None
+        if needs_shares(exp, method):
+            # the shares of the same seed's SHARES_FROM run; it is queued earlier, so wait for it
+            while (weights := shares_of(work, out, seed, exp)) is None:
+                if (SHARES_FROM, seed) in failed or (SHARES_FROM, seed) not in queue:
+                    failed.add(item)
+                    errors.append(f"{method} seed {seed}: {SHARES_FROM} seed {seed} did not finish; no weights")
+                    return
+                time.sleep(30)
+            print(f"[lm] {method} seed {seed}: domain weights {json.dumps({k: round(v, 4) for k, v in weights.items()})}",
+                  flush=True)
+        err = train_one(work, prepared, external, method, seed, args.threads, args.steps, exp, weights)
         if err:
+            failed.add(item)
             errors.append(err)
             print(f"[lm] error: {err}", flush=True)
             return
         if args.commit:
-            written = write_report(work, out)
-            git_commit(written, f"experiments/reweighting: LM results after {method} seed {seed}")
+            written = write_report(work, out, exp)
+            git_commit(written, f"experiments/reweighting: LM {exp.name} results after {method} seed {seed}")
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         list(pool.map(job, queue))
-    write_report(work, out)
+    write_report(work, out, exp)
     for err in errors:
         print(f"[lm] error: {err}", file=sys.stderr)
     return 1 if errors else 0
@@ -351,8 +450,28 @@ def machine() -> str:
     return f"{platform.machine()} {os.cpu_count()}-core CPU, no GPU ({platform.processor() or platform.platform()})"
 
 
-def load_run(work: Path, method: str, seed: int) -> Optional[dict[str, Any]]:
-    out = run_dir(work, method, seed)
+SHARE_BIN = 50  # steps per point of the weight-share curves
+
+
+def weight_share_summary(steps: list[dict[str, Any]]) -> dict[str, Any]:
+    """Weight shares per domain and effective sample size: the mean over the post-warm-up steps
+    (what a domain-constant arm copies) and a curve of means over ``SHARE_BIN``-step bins."""
+    keys = sorted(k for k in steps[0] if k.startswith("weight_share/"))
+    post = [r for r in steps if r["step"] > WARMUP_STEPS]
+    if not keys or not post or "weight_ess" not in steps[0]:
+        return {}
+    bins = []
+    for start in range(0, len(steps), SHARE_BIN):
+        chunk = steps[start:start + SHARE_BIN]
+        bins.append({"step": chunk[-1]["step"], "ess": float(np.mean([r["weight_ess"] for r in chunk])),
+                     **{k.split("/", 1)[1]: float(np.mean([r[k] for r in chunk])) for k in keys}})
+    return {"weight_share_post_warmup": {k.split("/", 1)[1]: float(np.mean([r[k] for r in post])) for k in keys},
+            "weight_ess_post_warmup": float(np.mean([r["weight_ess"] for r in post])),
+            "weight_share_curve": bins}
+
+
+def load_run(work: Path, method: str, seed: int, exp: Experiment = MAIN) -> Optional[dict[str, Any]]:
+    out = run_dir(work, method, seed, exp)
     if not ((out / "summary.json").is_file() and (out / "external_eval.json").is_file()):
         return None
     curve = [json.loads(x) for x in (out / "eval.jsonl").read_text().splitlines() if x.strip()]
@@ -371,10 +490,10 @@ def load_run(work: Path, method: str, seed: int) -> Optional[dict[str, Any]]:
             "tokens_per_second": tokens_per_step / float(np.median([r["step_seconds"] for r in steps])),
             "code_versions": versions,
             "parameters": summary["parameters"], "tokens": curve[-1]["tokens"],
-            "external_tokens": external[EXTERNAL]["tokens"]}
+            "external_tokens": external[EXTERNAL]["tokens"], **weight_share_summary(steps)}
 
 
-def committed_runs(out: Path) -> dict[tuple[str, int], dict[str, Any]]:
+def committed_runs(out: Path, exp: Experiment = MAIN) -> dict[tuple[str, int], dict[str, Any]]:
     """Finished runs recorded in the committed ``results.json`` that were trained with
     ``CODE_COMMIT`` and the current number of steps, in :func:`load_run`'s format.
 
@@ -382,7 +501,7 @@ def committed_runs(out: Path) -> dict[tuple[str, int], dict[str, Any]]:
     on a new machine or after the work directory is lost, these runs are reported as they are and
     not trained again, so only the missing ones cost compute.
     """
-    path = out / "results.json"
+    path = out / exp.file("results.json")
     if not path.is_file():
         return {}
     saved = json.loads(path.read_text())
@@ -392,16 +511,20 @@ def committed_runs(out: Path) -> dict[tuple[str, int], dict[str, Any]]:
     for name, rec in saved.get("runs", {}).items():
         method, _, seed = name.rpartition("-seed")
         versions = rec.get("code_versions") or []
-        if method not in METHODS or not seed.isdigit() or not versions:
+        if method not in exp.methods or not seed.isdigit() or not versions:
             continue
-        if any(v.get("commit") != CODE_COMMIT for v in versions):
+        if any(v.get("commit") != exp.code_commit for v in versions):
             continue
         runs[method, int(seed)] = {"method": method, "seed": int(seed), "final": rec["final"], "curve": rec["curve"],
                                    "seconds": rec["seconds"], "step_seconds_total": rec.get("step_seconds_total"),
                                    "tokens_per_second": rec["tokens_per_second_median_step"],
                                    "code_versions": versions, "parameters": saved["parameters"],
-                                   "tokens": rec["tokens"], "external_tokens": saved["design"].get("external_tokens")}
+                                   "tokens": rec["tokens"], "external_tokens": saved["design"].get("external_tokens"),
+                                   **{k: rec[k] for k in SHARE_KEYS if k in rec}}
     return runs
+
+
+SHARE_KEYS = ("weight_share_post_warmup", "weight_ess_post_warmup", "weight_share_curve")
 
 
 def aggregate(final: dict[str, float], kind: str) -> float:
@@ -439,61 +562,183 @@ def curve_value(row: dict[str, Any], kind: str) -> float:
     return float(row["avg_trained"] if kind == "trained" else row["avg_heldout"])
 
 
-def analyse(runs: dict[tuple[str, int], dict[str, Any]]) -> dict[str, Any]:
-    seeds = sorted({s for (m, s) in runs if m == BASELINE})
+HELDOUT_ROW, TRAINED_ROW = "avg held-out (all three)", "avg trained"
+
+
+def comparison_pairs(exp: Experiment, runs: dict[tuple[str, int], dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """(label, a, b) of every comparison ``b - a`` the report makes. The main experiment compares
+    each method with uniform; the controls answer issue 21's questions, including each method at
+    the better of its two learning rates (chosen by mean final held-out loss over the seeds)."""
+    if exp is MAIN:
+        return [(m, exp.baseline, m) for m in exp.methods if m != exp.baseline]
+    pairs = [("linupper_r0.4 vs uniform (B - A)", "uniform", "linupper_r0.4"),
+             ("domain_shares vs uniform (C - A)", "uniform", "domain_shares"),
+             ("linupper_r0.4 vs domain_shares (B - C)", "domain_shares", "linupper_r0.4"),
+             ("uniform lr 6e-3 vs 3e-3", "uniform", "uniform_lr6e-3"),
+             ("linupper_r0.4 lr 1.5e-3 vs 3e-3", "linupper_r0.4", "linupper_r0.4_lr1.5e-3")]
+    best_u, best_l = best_lr(runs, ("uniform", "uniform_lr6e-3")), best_lr(runs, ("linupper_r0.4", "linupper_r0.4_lr1.5e-3"))
+    if best_u and best_l:
+        pairs.append((f"best LinUpper ({best_l}) vs best uniform ({best_u})", best_u, best_l))
+    return pairs
+
+
+def best_lr(runs: dict[tuple[str, int], dict[str, Any]], methods: tuple[str, ...]) -> Optional[str]:
+    """The method (one learning rate each) with the lowest mean final held-out loss, among those
+    with every seed finished; None until all of them are."""
+    means = {}
+    for m in methods:
+        finals = [value(r, HELDOUT_ROW) for (mm, _), r in runs.items() if mm == m]
+        if len(finals) < SEEDS:
+            return None
+        means[m] = float(np.mean(finals))
+    return min(means, key=means.get)
+
+
+def compare(runs: dict[tuple[str, int], dict[str, Any]], a: str, b: str) -> Optional[dict[str, Any]]:
+    """Paired differences ``b - a`` per row (95 % t-interval) and b's tokens-to-target ratio on a's
+    final loss, over the seeds both finished."""
+    paired = sorted({s for (m, s) in runs if m == a} & {s for (m, s) in runs if m == b})
+    if not paired:
+        return None
+    rows = {}
+    for row, kind in ROWS:
+        base = [value(runs[a, s], row) for s in paired]
+        other = [value(runs[b, s], row) for s in paired]
+        diff = paired_diff(base, other)
+        rows[row] = {"kind": kind, a: base, b: other, "diff": diff.to_dict(), "verdict": diff.verdict(a=a, b=b)}
+    ttt = {}
+    for kind, label in (("trained", "avg trained"), ("heldout", "avg held-out (dictionary, techdocs)")):
+        ratios = []
+        for s in paired:
+            base_curve, curve = runs[a, s]["curve"], runs[b, s]["curve"]
+            target = curve_value(base_curve[-1], kind)
+            reached = tokens_to_target(curve, "avg_trained" if kind == "trained" else "avg_heldout", target)
+            ratios.append(None if reached is None else reached / float(base_curve[-1]["tokens"]))
+        done = [r for r in ratios if r is not None]
+        m, lo, hi = mean_ci(done) if done else (float("nan"),) * 3
+        ttt[label] = {"per_seed": ratios, "reached": len(done), "mean": m, "low": lo, "high": hi}
+    return {"a": a, "b": b, "seeds": paired, "rows": rows, "tokens_to_target": ttt}
+
+
+def analyse(runs: dict[tuple[str, int], dict[str, Any]], exp: Experiment = MAIN) -> dict[str, Any]:
+    seeds = sorted({s for (m, s) in runs if m == exp.baseline})
     comparisons = {}
-    for method in METHODS:
-        if method == BASELINE:
-            continue
-        paired = [s for s in seeds if (method, s) in runs]
-        if not paired:
-            continue
-        rows = {}
-        for row, kind in ROWS:
-            base = [value(runs[BASELINE, s], row) for s in paired]
-            other = [value(runs[method, s], row) for s in paired]
-            diff = paired_diff(base, other)
-            rows[row] = {"kind": kind, "uniform": base, method: other, "diff": diff.to_dict(),
-                         "verdict": diff.verdict(a=BASELINE, b=method)}
-        ttt = {}
-        for kind, label in (("trained", "avg trained"), ("heldout", "avg held-out (dictionary, techdocs)")):
-            ratios = []
-            for s in paired:
-                base_curve, curve = runs[BASELINE, s]["curve"], runs[method, s]["curve"]
-                target = curve_value(base_curve[-1], kind)
-                reached = tokens_to_target(curve, "avg_trained" if kind == "trained" else "avg_heldout", target)
-                ratios.append(None if reached is None else reached / float(base_curve[-1]["tokens"]))
-            done = [r for r in ratios if r is not None]
-            m, lo, hi = mean_ci(done) if done else (float("nan"),) * 3
-            ttt[label] = {"per_seed": ratios, "reached": len(done), "mean": m, "low": lo, "high": hi}
-        comparisons[method] = {"seeds": paired, "rows": rows, "tokens_to_target": ttt}
-    return {"seeds_complete": seeds, "comparisons": comparisons}
+    for label, a, b in comparison_pairs(exp, runs):
+        comp = compare(runs, a, b)
+        if comp is not None:
+            comparisons[label] = comp
+    result = {"seeds_complete": seeds, "comparisons": comparisons}
+    if exp is not MAIN:
+        result["verdicts"] = verdicts(comparisons)
+    return result
 
 
-def markdown(analysis: dict[str, Any], runs: dict[tuple[str, int], dict[str, Any]]) -> str:
+def _excludes_zero(d: dict[str, float]) -> bool:
+    return d["low"] > 0 or d["high"] < 0
+
+
+def _ci(d: dict[str, float]) -> str:
+    return f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]"
+
+
+def verdicts(comparisons: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """Issue 21's questions, each by the rule written in the experiment README before the runs:
+
+    * domain-level? "domain-level" when C recovers B's held-out gain (B - C includes 0 and
+      C - A excludes 0 on the held-out side); "instance-level adds X [CI]" when B - C excludes 0
+      with B lower; else "inconclusive";
+    * step size? "LinUpper survives the learning-rate control: X [CI]" when the best LinUpper
+      (of lr 1.5e-3 and 3e-3) beats the best uniform (of 3e-3 and 6e-3); "step size" when uniform
+      at 6e-3 beats uniform at 3e-3 and the best LinUpper - best uniform includes 0; else
+      "inconclusive".
+    Only with all 5 seeds of the arms involved; before that, "pending".
+    """
+    def held(label: str) -> Optional[dict[str, float]]:
+        comp = comparisons.get(label)
+        if comp is None or len(comp["seeds"]) < SEEDS:
+            return None
+        return comp["rows"][HELDOUT_ROW]["diff"]
+
+    out = {}
+    b_a, c_a, b_c = (held(k) for k in ("linupper_r0.4 vs uniform (B - A)", "domain_shares vs uniform (C - A)",
+                                       "linupper_r0.4 vs domain_shares (B - C)"))
+    if b_a is None or c_a is None or b_c is None:
+        out["domain-level or instance-level (held-out)"] = "pending"
+    elif not _excludes_zero(b_c) and c_a["high"] < 0:
+        out["domain-level or instance-level (held-out)"] = (f"domain-level: C - A {_ci(c_a)}, B - C {_ci(b_c)} "
+                                                           f"(B - A {_ci(b_a)})")
+    elif b_c["high"] < 0:
+        out["domain-level or instance-level (held-out)"] = f"instance-level adds {_ci(b_c)} beyond the domain shift"
+    else:
+        out["domain-level or instance-level (held-out)"] = f"inconclusive: B - C {_ci(b_c)}, C - A {_ci(c_a)}"
+    u_lr = held("uniform lr 6e-3 vs 3e-3")
+    best = next((k for k in comparisons if k.startswith("best LinUpper")), None)
+    best_d = held(best) if best else None
+    if u_lr is None or best_d is None:
+        out["step size (held-out)"] = "pending"
+    elif best_d["high"] < 0:
+        out["step size (held-out)"] = f"LinUpper survives the learning-rate control: {best} {_ci(best_d)}"
+    elif u_lr["high"] < 0 and not _excludes_zero(best_d):
+        out["step size (held-out)"] = f"step size: uniform 6e-3 - 3e-3 {_ci(u_lr)}; {best} {_ci(best_d)}"
+    else:
+        out["step size (held-out)"] = f"inconclusive: {best} {_ci(best_d)}, uniform 6e-3 - 3e-3 {_ci(u_lr)}"
+    return out
+
+
+def comparison_table(label: str, comp: dict[str, Any]) -> list[str]:
+    a, b, n = comp["a"], comp["b"], len(comp["seeds"])
+    lines = [f"### {label} ({n} paired seed(s): {', '.join(map(str, comp['seeds']))})", "",
+             "Final loss (nats/token; mean over seeds) and the paired difference "
+             f"{b} - {a} with its 95 % t-interval (negative = {b} lower = better):", "",
+             f"| domain | kind | {a} | {b} | difference [95 % CI] | verdict |", "|---|---|---|---|---|---|"]
+    for row, kind in ROWS:
+        r = comp["rows"][row]
+        d = r["diff"]
+        ci = f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]" if n > 1 else f"{d['mean']:+.4f}"
+        name = f"**{row}**" if row in AGG_KEYS else row
+        lines.append(f"| {name} | {kind} | {np.mean(r[a]):.4f} | {np.mean(r[b]):.4f} | {ci} | {r['verdict']} |")
+    lines += ["", f"Tokens-to-target ratio (tokens {b} needs to reach {a}'s final loss / {a}'s "
+              "tokens; < 1 = faster; from the eval curves, linear interpolation):", ""]
+    for tlabel, t in comp["tokens_to_target"].items():
+        per = ", ".join("not reached" if r is None else f"{r:.3f}" for r in t["per_seed"])
+        summary = (f"mean {t['mean']:.3f} [{t['low']:.3f}, {t['high']:.3f}]" if t["reached"] > 1
+                   else "no interval")
+        lines.append(f"- {tlabel}: {summary} over the {t['reached']} seed(s) that reached it; per seed: {per}")
+    return lines + [""]
+
+
+def markdown(analysis: dict[str, Any], runs: dict[tuple[str, int], dict[str, Any]], exp: Experiment = MAIN) -> str:
     lines = []
-    for method, comp in analysis["comparisons"].items():
-        n = len(comp["seeds"])
-        lines += [f"### {method} vs uniform ({n} paired seed(s): {', '.join(map(str, comp['seeds']))})", "",
-                  "Final loss (nats/token; mean over seeds) and the paired difference "
-                  f"{method} - uniform with its 95 % t-interval (negative = {method} lower = better):", "",
-                  f"| domain | kind | uniform | {method} | difference [95 % CI] | verdict |", "|---|---|---|---|---|---|"]
-        for row, kind in ROWS:
-            r = comp["rows"][row]
-            d = r["diff"]
-            ci = f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]" if n > 1 else f"{d['mean']:+.4f}"
-            name = f"**{row}**" if row in AGG_KEYS else row
-            lines.append(f"| {name} | {kind} | {np.mean(r['uniform']):.4f} | {np.mean(r[method]):.4f} | {ci} | {r['verdict']} |")
-        lines += ["", "Tokens-to-target ratio (tokens this method needs to reach uniform's final loss / uniform's "
-                  "tokens; < 1 = faster; from the eval curves, linear interpolation):", ""]
-        for label, t in comp["tokens_to_target"].items():
-            per = ", ".join("not reached" if r is None else f"{r:.3f}" for r in t["per_seed"])
-            summary = (f"mean {t['mean']:.3f} [{t['low']:.3f}, {t['high']:.3f}]" if t["reached"] > 1
-                       else "no interval")
-            lines.append(f"- {label}: {summary} over the {t['reached']} seed(s) that reached it; per seed: {per}")
-        lines.append("")
+    if analysis.get("verdicts"):
+        lines += ["## Verdicts (rules fixed in README.md before the runs)", ""]
+        lines += [f"- **{q}**: {v}" for q, v in analysis["verdicts"].items()] + [""]
+        lines += share_lines(runs, exp)
+    for label, comp in analysis["comparisons"].items():
+        lines += comparison_table(label if exp is not MAIN else f"{label} vs uniform", comp)
     lines += time_lines(runs)
     return "\n".join(lines) + "\n"
+
+
+def share_lines(runs: dict[tuple[str, int], dict[str, Any]], exp: Experiment) -> list[str]:
+    """Mean post-warm-up weight share per trained domain and effective sample size (of 32), per
+    method: what LinUpper does to the domains, and how closely the domain-constant arm copies it."""
+    methods = [m for m in exp.methods if any(mm == m and "weight_share_post_warmup" in r for (mm, _), r in runs.items())]
+    if not methods:
+        return []
+    lines = ["## Weight shares after the warm-up (mean over steps 151-1500, then over seeds)", "",
+             "| method | seeds | " + " | ".join(TRAIN_DOMAINS) + " | effective sample size (of 32) |",
+             "|---|---|" + "---|" * len(TRAIN_DOMAINS) + "---|"]
+    for m in methods:
+        recs = [r for (mm, _), r in sorted(runs.items()) if mm == m and "weight_share_post_warmup" in r]
+        shares = [np.mean([r["weight_share_post_warmup"][d] for r in recs]) for d in TRAIN_DOMAINS]
+        ess = np.mean([r["weight_ess_post_warmup"] for r in recs])
+        lines.append(f"| {m} | {len(recs)} | " + " | ".join(f"{x:.3f}" for x in shares) + f" | {ess:.1f} |")
+    per_seed = [(s, r["weight_share_post_warmup"]) for (m, s), r in sorted(runs.items())
+                if m == SHARES_FROM and "weight_share_post_warmup" in r]
+    if per_seed:
+        lines += ["", f"Domain weights of `domain_shares` per seed (= {SHARES_FROM}'s mean shares of that seed):", ""]
+        lines += [f"- seed {s}: " + ", ".join(f"{d} {w[d]:.4f}" for d in TRAIN_DOMAINS) for s, w in per_seed]
+    return lines + [""]
 
 
 def time_lines(runs: dict[tuple[str, int], dict[str, Any]]) -> list[str]:
@@ -515,17 +760,21 @@ def time_lines(runs: dict[tuple[str, int], dict[str, Any]]) -> list[str]:
     return [" ".join(lines)]
 
 
-def plot(runs: dict[tuple[str, int], dict[str, Any]], analysis: dict[str, Any], out: Path) -> list[Path]:
+PALETTE = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:gray"]
+
+
+def plot(runs: dict[tuple[str, int], dict[str, Any]], analysis: dict[str, Any], out: Path,
+         exp: Experiment = MAIN) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"uniform": "tab:blue", "linupper_r0.4": "tab:orange", "linupper_r1.0": "tab:green"}
+    colors = dict(zip(exp.methods, PALETTE))
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     for ax, (key, title) in zip(axes, (("avg_trained", "trained domains (avg of 4)"),
                                        ("avg_heldout", "held-out dictionary + techdocs (avg)"))):
-        for method in METHODS:
+        for method in exp.methods:
             curves = [runs[m, s]["curve"] for (m, s) in sorted(runs) if m == method]
             if not curves:
                 continue
@@ -541,57 +790,103 @@ def plot(runs: dict[tuple[str, int], dict[str, Any]], analysis: dict[str, Any], 
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    curves_png = out / "lm_curves.png"
+    curves_png = out / exp.file("lm_curves.png")
     fig.savefig(curves_png, dpi=110)
     plt.close(fig)
 
     comps = analysis["comparisons"]
-    fig, ax = plt.subplots(figsize=(8, 0.45 * len(ROWS) + 1.5))
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(ROWS) + 1.5 + 0.2 * len(comps)))
     labels = [row for row, _ in ROWS]
-    for i, (method, comp) in enumerate(comps.items()):
-        offs = (i - (len(comps) - 1) / 2) * 0.25
+    for i, (name, comp) in enumerate(comps.items()):
+        offs = (i - (len(comps) - 1) / 2) * min(0.25, 0.8 / max(len(comps), 1))
+        color = PALETTE[i % len(PALETTE)]
         for j, row in enumerate(labels):
             d = comp["rows"][row]["diff"]
             y = len(labels) - 1 - j + offs
-            ax.plot([d["low"], d["high"]], [y, y], color=colors[method], lw=2)
-            ax.plot(d["mean"], y, "o", color=colors[method], label=method if j == 0 else None)
+            ax.plot([d["low"], d["high"]], [y, y], color=color, lw=2)
+            ax.plot(d["mean"], y, "o", color=color, label=name if j == 0 else None)
     ax.axvline(0, color="black", lw=0.8)
     ax.set_yticks(range(len(labels)))
     ax.set_yticklabels(labels[::-1])
-    ax.set_xlabel("final loss difference vs uniform (nats/token), paired by seed, 95 % t-interval")
-    ax.set_title("LinUpper - uniform (left of 0: LinUpper better)")
+    ax.set_xlabel("final loss difference b - a (nats/token), paired by seed, 95 % t-interval")
+    ax.set_title("paired differences (left of 0: the second-named method better)" if exp is not MAIN
+                 else "LinUpper - uniform (left of 0: LinUpper better)")
     ax.grid(alpha=0.3, axis="x")
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
-    diffs_png = out / "lm_differences.png"
+    diffs_png = out / exp.file("lm_differences.png")
     fig.savefig(diffs_png, dpi=110)
     plt.close(fig)
-    return [curves_png, diffs_png]
+    paths = [curves_png, diffs_png]
+    shares_png = plot_shares(runs, out, exp)
+    return paths + ([shares_png] if shares_png else [])
 
 
-def progress_note(work: Path) -> str:
-    """Unfinished runs: how far each got and, where a uniform run of the same seed reached the
+def plot_shares(runs: dict[tuple[str, int], dict[str, Any]], out: Path, exp: Experiment) -> Optional[Path]:
+    """Per-domain weight share over training (mean over seeds, 50-step bins) of every reweighted
+    method, beside the effective sample size: where LinUpper's weight goes, and how closely the
+    domain-constant arm follows it."""
+    if exp is MAIN:
+        return None
+    methods = [m for m in ("linupper_r0.4", "domain_shares", "linupper_r0.4_lr1.5e-3")
+               if any(mm == m and r.get("weight_share_curve") for (mm, _), r in runs.items())]
+    if not methods:
+        return None
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(methods) + 1, figsize=(4.6 * (len(methods) + 1), 3.8), squeeze=False)
+    styles = dict(zip(TRAIN_DOMAINS, PALETTE))
+    for ax, m in zip(axes[0], methods):
+        curves = [r["weight_share_curve"] for (mm, _), r in sorted(runs.items()) if mm == m and r.get("weight_share_curve")]
+        steps = [row["step"] for row in curves[0]]
+        for d in TRAIN_DOMAINS:
+            ax.plot(steps, np.mean([[row[d] for row in c] for c in curves], axis=0), color=styles[d], label=d)
+        ax.axhline(1 / len(TRAIN_DOMAINS), color="black", lw=0.6, ls=":")
+        ax.axvline(WARMUP_STEPS, color="gray", lw=0.6, ls="--")
+        ax.set_title(f"{m}: weight share ({len(curves)} seeds)")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    ax = axes[0][-1]
+    for i, m in enumerate(methods):
+        curves = [r["weight_share_curve"] for (mm, _), r in sorted(runs.items()) if mm == m and r.get("weight_share_curve")]
+        ax.plot([row["step"] for row in curves[0]], np.mean([[row["ess"] for row in c] for c in curves], axis=0),
+                color=PALETTE[i], label=m)
+    ax.set_title("effective sample size 1 / sum w^2 (of 32)")
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / exp.file("lm_weight_shares.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def progress_note(work: Path, exp: Experiment = MAIN) -> str:
+    """Unfinished runs: how far each got and, where a baseline run of the same seed reached the
     same eval step, the paired difference there. Labelled as progress, not a result: one seed
     mid-training says nothing with confidence, and the learning-rate schedule has not ended."""
     lines, rows, curves = [], {}, {}
     for seed in range(SEEDS):
-        for method in METHODS:
-            path = run_dir(work, method, seed) / "eval.jsonl"
+        for method in exp.methods:
+            path = run_dir(work, method, seed, exp) / "eval.jsonl"
             if path.is_file():
                 curves[method, seed] = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-                if curves[method, seed] and load_run(work, method, seed) is None:
+                if curves[method, seed] and load_run(work, method, seed, exp) is None:
                     rows[method, seed] = curves[method, seed]
     if not rows:
         return ""
     lines += ["## Runs in progress (not a result)", "",
               "| run | last eval step | tokens | avg trained | avg held-out (dictionary, techdocs) | "
-              "minus uniform (same seed) at the last step both reached: trained / held-out |", "|---|---|---|---|---|---|"]
+              f"minus {exp.baseline} (same seed) at the last step both reached: trained / held-out |",
+              "|---|---|---|---|---|---|"]
     for (method, seed), curve in sorted(rows.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         last = curve[-1]
-        base = {r["step"]: r for r in curves.get((BASELINE, seed), [])}  # finished or not
+        base = {r["step"]: r for r in curves.get((exp.baseline, seed), [])}  # finished or not
         common = [r for r in curve if r["step"] in base]
         vs = "-"
-        if common and method != BASELINE:
+        if common and method != exp.baseline:
             mine, ref = common[-1], base[common[-1]["step"]]
             vs = (f"{mine['avg_trained'] - ref['avg_trained']:+.4f} / {mine['avg_heldout'] - ref['avg_heldout']:+.4f} "
                   f"(step {mine['step']})")
@@ -600,32 +895,40 @@ def progress_note(work: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(work: Path, out: Path) -> list[Path]:
-    """Rebuild results.json, lm_results.md and the plots from whatever runs are finished."""
-    runs = committed_runs(out)  # runs finished in earlier sessions, possibly on another machine
+def write_report(work: Path, out: Path, exp: Experiment = MAIN) -> list[Path]:
+    """Rebuild the results file, the markdown report and the plots from whatever runs are finished."""
+    runs = committed_runs(out, exp)  # runs finished in earlier sessions, possibly on another machine
     for seed in range(SEEDS):
-        for method in METHODS:
-            run = load_run(work, method, seed)
+        for method in exp.methods:
+            run = load_run(work, method, seed, exp)
             if run is not None:
                 runs[method, seed] = run
     out.mkdir(parents=True, exist_ok=True)
-    progress = progress_note(work)
-    if not any(m == BASELINE for m, _ in runs):
+    progress = progress_note(work, exp)
+    planned = SEEDS * len(exp.methods)
+    title = "LM experiment results" if exp is MAIN else "LM experiment, controls (issue 21)"
+    command = (f"python experiments/reweighting/lm.py{'' if exp is MAIN else ' --experiment ' + exp.name} run "
+               f"--jobs 2 --threads 1 && python experiments/reweighting/lm.py"
+               f"{'' if exp is MAIN else ' --experiment ' + exp.name} report")
+    report = out / exp.file("lm_results.md")
+    if not any(m == exp.baseline for m, _ in runs):
         if not progress:
             return []
-        path = out / "lm_results.md"
-        path.write_text(f"# LM experiment results (generated by `experiments/reweighting/lm.py report`)\n\n"
-                        f"0 of {SEEDS * len(METHODS)} runs finished: no result yet.\n\n{progress}")
-        return [path]
-    analysis = analyse(runs)
+        report.write_text(f"# {title} (generated by `experiments/reweighting/lm.py report`)\n\n"
+                          f"0 of {planned} runs finished: no result yet.\n\n{progress}")
+        return [report]
+    analysis = analyse(runs, exp)
     ext_manifest = work / "heldout" / f"{EXTERNAL}.manifest.json"
+    design = {"train_domains": TRAIN_DOMAINS, "heldout_domains": HELDOUT_DOMAINS, "external": EXTERNAL,
+              "steps": STEPS, "warmup_steps_K": WARMUP_STEPS, "seeds_planned": SEEDS, "methods": exp.methods,
+              "config_uniform_seed0": run_config(work / "prepared", exp.baseline, 0, exp=exp),
+              "external_tokens": EXTERNAL_TOKENS}
+    if exp is not MAIN:
+        design.update(code_commit=exp.code_commit, shares_from=SHARES_FROM)
     results = {
         "machine": machine(),
-        "command": "python experiments/reweighting/lm.py run --jobs 2 --threads 1 && python experiments/reweighting/lm.py report",
-        "design": {"train_domains": TRAIN_DOMAINS, "heldout_domains": HELDOUT_DOMAINS, "external": EXTERNAL,
-                   "steps": STEPS, "warmup_steps_K": WARMUP_STEPS, "seeds_planned": SEEDS, "methods": METHODS,
-                   "config_uniform_seed0": run_config(work / "prepared", BASELINE, 0),
-                   "external_tokens": EXTERNAL_TOKENS},
+        "command": command,
+        "design": design,
         "external_text": json.loads(ext_manifest.read_text()) if ext_manifest.is_file() else None,
         "parameters": next(iter(runs.values()))["parameters"],
         "runs": {f"{m}-seed{s}": {"final": r["final"], "seconds": r["seconds"],
@@ -633,26 +936,28 @@ def write_report(work: Path, out: Path) -> list[Path]:
                                   "code_versions": r["code_versions"],
                                   "tokens_per_second_median_step": r["tokens_per_second"],
                                   "curve": [{k: v for k, v in row.items() if k.startswith(("tokens", "avg", "loss/"))}
-                                            for row in r["curve"]]}
+                                            for row in r["curve"]],
+                                  **{k: r[k] for k in SHARE_KEYS if k in r and exp is not MAIN}}
                  for (m, s), r in sorted(runs.items())},
         **analysis,
     }
-    paths = [out / "results.json", out / "lm_results.md"]
+    paths = [out / exp.file("results.json"), report]
     paths[0].write_text(json.dumps(results, indent=1) + "\n")
-    header = (f"# LM experiment results (generated by `experiments/reweighting/lm.py report`)\n\n"
-              f"{len(runs)} of {SEEDS * len(METHODS)} runs finished; model {results['parameters']:,} parameters, "
-              f"{next(iter(runs.values()))['tokens']:,} training tokens per run; {machine()}.\n\n")
-    paths[1].write_text(header + markdown(analysis, runs) + ("\n" + progress if progress else ""))
-    paths += plot(runs, analysis, out)
+    header = (f"# {title} (generated by `experiments/reweighting/lm.py report`)\n\n"
+              f"{len(runs)} of {planned} runs finished; model {results['parameters']:,} parameters, "
+              f"{next(iter(runs.values()))['tokens']:,} training tokens per run; {machine()}. Command: `{command}`.\n\n")
+    paths[1].write_text(header + markdown(analysis, runs, exp) + ("\n" + progress if progress else ""))
+    paths += plot(runs, analysis, out, exp)
     return paths
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    paths = write_report(Path(args.work), Path(args.out))
+    exp = EXPERIMENTS[args.experiment]
+    paths = write_report(Path(args.work), Path(args.out), exp)
     if not paths:
         print("[lm] no run has started yet; nothing to report", file=sys.stderr)
         return 1
-    print((Path(args.out) / "lm_results.md").read_text())
+    print((Path(args.out) / exp.file("lm_results.md")).read_text())
     return 0
 
 
@@ -661,6 +966,8 @@ def main() -> int:
     ap.add_argument("--work", default=str(DEFAULT_WORK), help="runs, prepared data and held-out text (not in git)")
     ap.add_argument("--out", default=str(HERE), help="where results.json, lm_results.md and plots go")
     ap.add_argument("--corpus", default=str(DEFAULT_CORPUS), help="the six-domain corpus")
+    ap.add_argument("--experiment", choices=sorted(EXPERIMENTS), default=MAIN.name,
+                    help="main: uniform vs LinUpper r = 0.4 / 1.0 (15 runs); controls: issue 21's arms (25 runs)")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("run", help="train every (method, seed) not finished yet, then report")
     p.add_argument("--seeds", type=int, default=SEEDS)
