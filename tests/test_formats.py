@@ -150,3 +150,26 @@ def test_huggingface_end_token_choice(corpus_dir, prepared_dir, tmp_path):
     assert load_tokenizer(two).eos_token == "<|eot|>"  # the config beside the file wins
     with pytest.raises(ValueError, match="a SentencePiece model's end token is fixed"):
         load_tokenizer(prepared_dir / "tokenizer.model", eos_token="<|eot|>")
+
+
+def test_export_declares_the_runs_special_tokens_and_leaves_no_stale_tokenizer(corpus_dir, prepared_dir, tmp_path):
+    """A tokenizer.json whose end token is not id 1 (here '</s>' is id 3, id 1 is '<unk>'): config.json
+    and tokenizer_config.json name the run's tokens; a later SentencePiece export into the same
+    directory removes the stale tokenizer.json (AutoTokenizer would load it) but no foreign file."""
+    docs = list(iter_documents(corpus_dir / "code.jsonl"))
+    path = train_hf_tokenizer(tmp_path / "tok" / "tokenizer.json", docs, special=("<pad>", "<unk>", "<s>", "</s>"),
+                              add_bos=False)
+    prepare(corpus_dir, tmp_path / "p", tokenizer_model=path, valid_fraction=0.1, progress=False)
+    hf = tmp_path / "hf"
+    for prepared, run in ((tmp_path / "p", "json_run"), (prepared_dir, "sp_run")):
+        train(tiny_config(prepared, train={"max_steps": 1, "eval_interval": 0}), tmp_path / run, progress=False)
+    assert main(["export", "--checkpoint", str(tmp_path / "json_run"), "--out", str(hf), "--quiet"]) == 0
+    config = json.loads((hf / "config.json").read_text())
+    assert (config["eos_token_id"], config["bos_token_id"], config["pad_token_id"]) == (3, None, None)
+    assert json.loads((hf / "tokenizer_config.json").read_text())["eos_token"] == "</s>"
+    (hf / "README.md").write_text("mine")
+    assert main(["export", "--checkpoint", str(tmp_path / "sp_run"), "--out", str(hf), "--quiet"]) == 0
+    assert sorted(p.name for p in hf.iterdir()) == ["README.md", "config.json", "model.safetensors",
+                                                     "tokenizer.model", "tokenizer_config.json"]
+    sp = load_tokenizer(prepared_dir / "tokenizer.model")
+    assert json.loads((hf / "config.json").read_text())["eos_token_id"] == sp.eos_id

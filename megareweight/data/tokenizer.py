@@ -53,6 +53,8 @@ class Tokenizer(Protocol):
 
     def decode(self, ids: Sequence[int]) -> str: ...
 
+    def special_tokens(self) -> dict[str, Optional[tuple[str, int]]]: ...
+
 
 class SentencePieceTokenizer:
     """A SentencePiece ``.model``. ``threads`` = 0 lets SentencePiece use every core."""
@@ -89,6 +91,15 @@ class SentencePieceTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
 
+    def special_tokens(self) -> dict[str, Optional[tuple[str, int]]]:
+        """``{"bos", "eos", "pad"}`` -> (piece, id), or None where the model defines none (id -1).
+
+        What an export must declare (``config.json``): ``eos`` is the end-of-document token every
+        document of the shards ends with; a model trained here has no BOS or padding piece.
+        """
+        ids = {"bos": self._sp.bos_id(), "eos": self.eos_id, "pad": self._sp.pad_id()}
+        return {name: (self._sp.id_to_piece(i), i) if i >= 0 else None for name, i in ids.items()}
+
 
 class HuggingFaceTokenizer:
     """A Hugging Face ``tokenizer.json`` (the ``tokenizers`` package).
@@ -122,14 +133,19 @@ class HuggingFaceTokenizer:
         self._eos_token, self._eos_id = token, int(vocab[token])
 
     def _configured_eos(self) -> Optional[str]:
+        return self._configured("eos_token")
+
+    def _configured(self, key: str) -> Optional[str]:
+        """``key`` (e.g. ``eos_token``) of a ``tokenizer_config.json`` beside the file, if any."""
         config = self.path.with_name("tokenizer_config.json")
         if not config.is_file():
             return None
         try:
-            value = json.loads(config.read_text()).get("eos_token")
-        except (json.JSONDecodeError, AttributeError):
+            value = json.loads(config.read_text()).get(key)
+        except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
             return None
-        return value.get("content") if isinstance(value, dict) else value
+        value = value.get("content") if isinstance(value, dict) else value
+        return value if isinstance(value, str) else None
 
     @property
     def vocab_size(self) -> int:
@@ -152,6 +168,20 @@ class HuggingFaceTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def special_tokens(self) -> dict[str, Optional[tuple[str, int]]]:
+        """``{"bos", "eos", "pad"}`` -> (token, id), or None where unknown.
+
+        ``eos`` is the end-of-document token the shards were written with. A ``tokenizer.json``
+        does not say which token is BOS or padding; ``bos_token``/``pad_token`` of a
+        ``tokenizer_config.json`` beside it do (only when the token is in the vocabulary).
+        """
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        found: dict[str, Optional[tuple[str, int]]] = {"eos": (self._eos_token, self._eos_id)}
+        for name in ("bos", "pad"):
+            token = self._configured(f"{name}_token")
+            found[name] = (token, int(vocab[token])) if token in vocab else None
+        return found
 
 
 def tokenizer_kind(path: PathLike) -> str:
