@@ -25,6 +25,7 @@ install_requires = [
     "pyarrow>=15,<27",  # *.parquet corpora
     "pyyaml>=6,<7",
     "tqdm>=4.66,<5",
+    "xxhash>=3,<5",  # checkpoint checksums (xxh3_128)
     "wandb>=0.19,<0.40",
     "matplotlib>=3.8,<4",
     "scipy>=1.11,<2",

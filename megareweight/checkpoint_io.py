@@ -20,24 +20,30 @@ import torch
 
 from megareweight.data.shards import sha256_file, tokenizer_spec
 from megareweight.model import ModelArgs, Transformer, build_model
-from megareweight.train.checkpoint import STATE, CheckpointError, find_latest, problem
+from megareweight.train.checkpoint import STATE, CheckpointError, none_intact, problem, scan
 
 ENGINE_FILE = "engine.pt"
 DEEPSPEED_TAG = "engine"
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """Accept a checkpoint directory, a ``checkpoints/`` directory or a run directory."""
+    """Accept a checkpoint directory, a ``checkpoints/`` directory or a run directory.
+
+    Checksums are verified (the files are about to be loaded). Where checkpoints exist but none is
+    intact, the error gives the newest one's reason rather than "no checkpoint".
+    """
     path = Path(path)
     if (path / STATE).is_file():
-        reason = problem(path)
+        reason = problem(path, content=True)
         if reason is not None:
             raise CheckpointError(f"checkpoint {path} is unusable: {reason}")
         return path
     for root in (path, path / "checkpoints"):
-        latest = find_latest(root)
+        latest, damaged = scan(root, content=True)
         if latest is not None:
             return latest
+        if damaged:
+            raise CheckpointError(none_intact(root, damaged))
     raise FileNotFoundError(f"no complete checkpoint in {path} (expected {STATE} or a checkpoints/ directory)")
 
 
@@ -65,6 +71,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Tr
         raise FileNotFoundError(f"{ckpt}: neither {ENGINE_FILE} nor a DeepSpeed '{DEEPSPEED_TAG}' directory")
     if args.tie_embeddings:
         weights.pop("lm_head.weight", None)
+    bad = [name for name, tensor in weights.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if bad:  # a checkpoint written before checksums, or damaged before they were computed
+        raise CheckpointError(f"{ckpt}: parameter {bad[0]} has non-finite values"
+                              f"{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}; use an older checkpoint")
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise ValueError(f"{ckpt}: checkpoint does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
@@ -91,6 +101,10 @@ def run_tokenizer(checkpoint: str | Path, state: dict,
         raise FileNotFoundError(f"tokenizer {path} not found" + ("" if explicit else "; pass --tokenizer"))
     expected = state.get("tokenizer_sha256")
     if expected and sha256_file(path) != expected:
+        if not explicit and path == own:
+            raise CheckpointError(f"the checkpoint's own copy {path} is not the tokenizer {ckpt} was trained with "
+                                  "(SHA-256 differs: modified after the checkpoint was written); pass the original "
+                                  "with --tokenizer")
         how = "--tokenizer" if explicit else "the run's prepared directory now holds"
         raise CheckpointError(f"{how} {path} is not the tokenizer {ckpt} was trained with (SHA-256 differs: "
                               "re-prepared or another tokenizer); pass the original with --tokenizer")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import json
+import shutil
+import warnings
 
 import pytest
 import torch
@@ -117,3 +119,118 @@ def test_nonfinite_parameters_are_never_saved(prepared_dir, tmp_path):
     assert (root / "latest").read_text() == "step_00000002"
     weights = torch.load(root / "step_00000002" / "engine.pt", weights_only=True)["model"]
     assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+def flip_exponent_bit(path, name: str = "embed.weight") -> None:
+    """Set the top exponent bit of the first float32 of ``name`` inside a torch.save file (same size).
+
+    The tensor's bytes are found by content, so the zip layout of torch.save does not matter.
+    """
+    tensor = torch.load(path, weights_only=True)["model"][name].float().contiguous()
+    needle = tensor.flatten()[:8].numpy().tobytes()
+    data = bytearray(path.read_bytes())
+    at = data.find(needle)
+    assert at >= 0 and data.find(needle, at + 1) < 0
+    data[at + 3] ^= 0x40  # little-endian float32: byte 3 holds the sign and the top exponent bits
+    path.write_bytes(bytes(data))
+
+
+def test_checksums_catch_a_changed_byte_that_keeps_the_size(tmp_path):
+    root = tmp_path / "checkpoints"
+    good, bad = _fake(root, 2, b"x" * 100), _fake(root, 4, b"x" * 100)
+    manifest = json.loads((bad / ckpt.COMPLETE).read_text())
+    assert set(manifest["xxh3_128"]) == set(manifest["files"]) == {"engine.pt", ckpt.STATE}
+    (bad / "engine.pt").write_bytes(b"x" * 99 + b"y")
+    assert ckpt.problem(bad) is None  # sizes alone cannot see it
+    assert ckpt.problem(bad, content=True).startswith("engine.pt xxh3_128 checksum mismatch")
+    with pytest.warns(UserWarning, match="skipping damaged checkpoint .*step_00000004: engine.pt xxh3_128 checksum"):
+        assert ckpt.find_latest(root, content=True) == good
+    (good / "engine.pt").write_bytes(b"z" * 100)
+    latest, damaged = ckpt.scan(root, warn=False, content=True)
+    assert latest is None and [p.name for p, _ in damaged] == ["step_00000004", "step_00000002"]
+    assert ckpt.none_intact(root, damaged).startswith(
+        f"no intact checkpoint in {root}: step_00000004: engine.pt xxh3_128 checksum mismatch")
+
+
+def test_checkpoints_without_checksums_still_load_with_one_warning(tmp_path):
+    old = _fake(tmp_path / "checkpoints", 2)
+    manifest = json.loads((old / ckpt.COMPLETE).read_text())
+    del manifest["xxh3_128"]  # as written before checksums existed
+    (old / ckpt.COMPLETE).write_text(json.dumps(manifest))
+    with pytest.warns(UserWarning, match="written before checkpoints carried checksums; checked by file sizes only"):
+        assert ckpt.problem(old, content=True) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ckpt.problem(old, content=True) is None  # once per checkpoint, not at every look
+
+
+def test_flipped_bit_in_engine_pt_is_never_resumed_evaluated_or_exported(prepared_dir, corpus_dir, tmp_path, capsys):
+    """The audit's case: one exponent bit of engine.pt flipped (same size). --resume falls back to the
+    previous checkpoint; eval/export of a run whose only checkpoint is damaged say why in one line."""
+    cfg = tiny_config(prepared_dir, train={"max_steps": 4, "eval_interval": 0, "checkpoint_interval": 2})
+    full = tmp_path / "full"
+    train(cfg, full, progress=False)
+    run = tmp_path / "run"
+    shutil.copytree(full, run)
+    shutil.rmtree(run / "checkpoints" / "step_00000002")
+    newest = run / "checkpoints" / "step_00000004"
+    flip_exponent_bit(newest / "engine.pt")
+    assert ckpt.problem(newest) is None  # the size check alone would resume it
+    for argv in (["eval", "--checkpoint", str(run), "--data", str(corpus_dir / "code.jsonl")],
+                 ["export", "--checkpoint", str(run), "--out", str(tmp_path / "hf")],
+                 ["eval", "--checkpoint", str(newest), "--data", str(corpus_dir / "code.jsonl")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "step_00000004" in err[0] and "engine.pt xxh3_128 checksum mismatch" in err[0], err
+    assert not (tmp_path / "hf" / "model.safetensors").exists()
+    # --resume with only the damaged checkpoint refuses instead of starting over at step 0.
+    config = tmp_path / "c.yaml"
+    config.write_text((full / "config.yaml").read_text())
+    assert main(["train", "--config", str(config), "--out", str(run), "--resume", "--quiet",
+                 "--set", "train.max_steps=6"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--resume: no intact checkpoint" in err[0] and "engine.pt xxh3_128 checksum" in err[0]
+    # With an intact older one, --resume falls back to it (the existing policy for damaged checkpoints).
+    shutil.copytree(full / "checkpoints" / "step_00000002", run / "checkpoints" / "step_00000002")
+    with pytest.warns(UserWarning, match="skipping damaged checkpoint .*step_00000004: engine.pt xxh3_128"):
+        train(cfg, run, resume=True, progress=False)
+    assert [r["loss"] for r in read_metrics(run)] == [r["loss"] for r in read_metrics(full)]
+
+
+def test_nonfinite_parameters_in_an_unchecksummed_checkpoint_are_refused(prepared_dir, corpus_dir, tmp_path,
+                                                                         capsys):
+    cfg = tiny_config(prepared_dir, train={"max_steps": 2, "eval_interval": 0})
+    run = tmp_path / "run"
+    train(cfg, run, progress=False)
+    last = run / "checkpoints" / "step_00000002"
+    state = torch.load(last / "engine.pt", weights_only=True)
+    state["model"]["norm.weight"][0] = float("inf")
+    torch.save(state, last / "engine.pt")
+    manifest = json.loads((last / ckpt.COMPLETE).read_text())  # an older checkpoint: sizes only
+    del manifest["xxh3_128"]
+    manifest["files"]["engine.pt"] = (last / "engine.pt").stat().st_size
+    (last / ckpt.COMPLETE).write_text(json.dumps(manifest))
+    assert main(["eval", "--checkpoint", str(run), "--data", str(corpus_dir / "code.jsonl")]) == 2
+    assert "parameter norm.weight has non-finite values" in capsys.readouterr().err
+    with pytest.raises(ckpt.CheckpointError, match="parameters are not finite after loading"):
+        train(tiny_config(prepared_dir, train={"max_steps": 3, "eval_interval": 0}), run, resume=True,
+              progress=False)
+
+
+def test_a_modified_tokenizer_copy_is_blamed_on_the_checkpoints_file(prepared_dir, corpus_dir, tmp_path, capsys):
+    """Not on "the run's prepared directory", which is intact."""
+    run = tmp_path / "run"
+    train(tiny_config(prepared_dir, train={"max_steps": 2, "eval_interval": 0}), run, progress=False)
+    last = run / "checkpoints" / "step_00000002"
+    copy = last / "tokenizer.model"
+    copy.write_bytes(copy.read_bytes()[:-1] + bytes([copy.read_bytes()[-1] ^ 1]))
+    argv = ["eval", "--checkpoint", str(run), "--data", str(corpus_dir / "code.jsonl")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "step_00000002: tokenizer.model xxh3_128 checksum mismatch" in err and "prepared" not in err
+    manifest = json.loads((last / ckpt.COMPLETE).read_text())  # a checkpoint from before checksums
+    del manifest["xxh3_128"]
+    (last / ckpt.COMPLETE).write_text(json.dumps(manifest))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"the checkpoint's own copy {copy} is not the tokenizer" in err and "prepared" not in err

@@ -8,18 +8,23 @@ Layout of ``<out>/checkpoints/``::
     retired/<time>_after_step_00000100/step_*   checkpoints newer than the one a resume started from
 
 **Writing.** Everything goes into ``.tmp_<name>``; then ``COMPLETE`` is written (a JSON manifest
-of every file and its size), the directory is renamed, and ``latest`` is updated. A crash at any
+of every file, its size and its xxh3_128 checksum; written last, so a checkpoint without it is
+incomplete), the directory is renamed, and ``latest`` is updated. A crash at any
 moment leaves the previous checkpoints and, at most, a temporary directory that nothing reads.
 A failed write (disk full, quota) removes its temporary directory and raises
 :class:`CheckpointWriteError`; the previous checkpoints are untouched.
 
 **Reading.** :func:`find_latest` returns the newest regular checkpoint that :func:`problem` finds
 intact: ``COMPLETE`` present, every file of the size that was written (a truncated ``engine.pt``
-or DeepSpeed shard, a missing file), ``trainer_state.json`` valid. A damaged one is skipped with a
-warning naming the reason, and the previous one is used. Sizes rather than SHA-256: a stat per
-file is free, hashing a 7B run's ~80 GB of optimizer shards would take minutes at every resume,
-and the failures seen in practice (disk full, kill during a write, a truncated copy) all change
-sizes.
+or DeepSpeed shard, a missing file), ``trainer_state.json`` valid, and, with ``content=True``,
+every file's checksum as written (a flipped bit keeps the size). A damaged one is skipped with a
+warning naming the reason, and the previous one is used. Only the checkpoint about to be loaded
+(resume, ``eval``, ``export``) is hashed; pruning and listings check sizes only. Hashing costs
+about 0.3 s per GiB of checkpoint on one CPU core (:mod:`~megareweight.train.checksums`), at save
+(by the writing rank, over every rank's files) and at load, plus reading the files from disk:
+tens of seconds for a 7B run's ~80 GB of ZeRO shards, against a silent resume of corrupted
+weights or optimizer moments. Checkpoints written before checksums load with a warning and are
+checked by size only.
 
 **What is never lost.**
 
@@ -48,6 +53,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 
 from megareweight.json_files import write_text_atomic
+from megareweight.train.checksums import ALGORITHM, file_digest
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
@@ -76,8 +82,11 @@ def step_of(path: Path) -> int:
     return int(match.group(2))
 
 
-def _manifest(directory: Path) -> dict[str, int]:
-    return {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*")) if p.is_file()}
+def _manifest(directory: Path) -> dict[str, Any]:
+    """``COMPLETE``'s content: every file's size and checksum (relative paths, ZeRO shards included)."""
+    files = [p for p in sorted(directory.rglob("*")) if p.is_file()]
+    return {"files": {str(p.relative_to(directory)): p.stat().st_size for p in files},
+            ALGORITHM: {str(p.relative_to(directory)): file_digest(p) for p in files}}
 
 
 def _describe(exc: BaseException, root: Path) -> str:
@@ -140,7 +149,7 @@ def save_checkpoint(
         write_text_atomic(tmp / STATE, json.dumps(state), durable=True)
         for filename, source in extra_files:
             shutil.copyfile(source, tmp / filename)
-        write_text_atomic(tmp / COMPLETE, json.dumps({"step": step, "files": _manifest(tmp)}), durable=True)
+        write_text_atomic(tmp / COMPLETE, json.dumps({"step": step, **_manifest(tmp)}), durable=True)
         old = root / f".old_{name}"
         if final.exists():  # the same step written again (e.g. a second stop at the same step)
             shutil.rmtree(old, ignore_errors=True)
@@ -156,8 +165,20 @@ def save_checkpoint(
     return final
 
 
-def problem(ckpt: Path) -> Optional[str]:
-    """Why ``ckpt`` cannot be resumed from, or None when it is intact."""
+_WARNED_UNCHECKED: set[str] = set()
+#: Checkpoints whose checksums matched in this process, keyed by every file's (size, mtime): eval
+#: and export resolve the same checkpoint twice (weights, tokenizer); the second time is free.
+_VERIFIED: set[tuple] = set()
+
+
+def problem(ckpt: Path, content: bool = False) -> Optional[str]:
+    """Why ``ckpt`` cannot be resumed from, or None when it is intact.
+
+    ``content``: also compare every file's checksum with the one written at save time (reads
+    every byte; for the checkpoint about to be loaded). A checkpoint written before checksums
+    passes on sizes alone, with one warning per checkpoint and process.
+    """
+    ckpt = Path(ckpt)
     marker = ckpt / COMPLETE
     if not marker.is_file():
         return "incomplete (no COMPLETE marker: its write was interrupted)"
@@ -173,12 +194,39 @@ def problem(ckpt: Path) -> Optional[str]:
         actual = path.stat().st_size
         if actual != size:
             return f"{rel} has {actual} bytes but {size} were written (truncated or modified)"
+    if content:
+        reason = _content_problem(ckpt, manifest)
+        if reason is not None:
+            return reason
     try:
         state = json.loads((ckpt / STATE).read_text())
     except (OSError, ValueError):
         return f"{STATE} is missing or not valid JSON"
     if not isinstance(state, dict) or not isinstance(state.get("step"), int):
         return f"{STATE} has no step"
+    return None
+
+
+def _content_problem(ckpt: Path, manifest: dict[str, Any]) -> Optional[str]:
+    """The first file whose checksum differs from the one ``COMPLETE`` recorded, or None."""
+    sums = manifest.get(ALGORITHM)
+    if not isinstance(sums, dict):
+        if str(ckpt) not in _WARNED_UNCHECKED:
+            _WARNED_UNCHECKED.add(str(ckpt))
+            warnings.warn(f"{ckpt}: written before checkpoints carried checksums; checked by file sizes only")
+        return None
+    files = sorted(manifest.get("files", {}))
+    key = (str(ckpt.resolve()), *((rel, (ckpt / rel).stat().st_size, (ckpt / rel).stat().st_mtime_ns) for rel in files))
+    if key in _VERIFIED:
+        return None
+    for rel in files:
+        expected = sums.get(rel)
+        if expected is None:
+            return f"{rel} has no checksum in {COMPLETE} ({COMPLETE} was modified)"
+        if file_digest(ckpt / rel) != expected:
+            return (f"{rel} {ALGORITHM} checksum mismatch (its content changed after it was written: "
+                    "disk or copy corruption, or an edit)")
+    _VERIFIED.add(key)
     return None
 
 
@@ -190,19 +238,34 @@ def regular_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=step_of)
 
 
-def find_latest(root: Path, warn: bool = True) -> Optional[Path]:
-    """The newest intact regular checkpoint, or None; damaged ones are skipped with a warning.
+def scan(root: Path, warn: bool = True, content: bool = False) -> tuple[Optional[Path], list[tuple[Path, str]]]:
+    """(the newest intact regular checkpoint or None, the newer damaged ones with their reasons).
 
     Newest by step, not by the ``latest`` pointer: a crash between the rename and the pointer
-    update leaves the pointer one checkpoint behind.
+    update leaves the pointer one checkpoint behind. ``content``: verify checksums too (see
+    :func:`problem`). The reasons let a caller that finds nothing intact say why in one line.
     """
+    damaged: list[tuple[Path, str]] = []
     for candidate in reversed(regular_checkpoints(root)):
-        reason = problem(candidate)
+        reason = problem(candidate, content)
         if reason is None:
-            return candidate
+            return candidate, damaged
+        damaged.append((candidate, reason))
         if warn:
             warnings.warn(f"skipping damaged checkpoint {candidate}: {reason}; trying the previous one")
-    return None
+    return None, damaged
+
+
+def find_latest(root: Path, warn: bool = True, content: bool = False) -> Optional[Path]:
+    """The newest intact regular checkpoint, or None; damaged ones are skipped with a warning."""
+    return scan(root, warn, content)[0]
+
+
+def none_intact(root: Path, damaged: list[tuple[Path, str]]) -> str:
+    """One line for "every checkpoint in ``root`` is damaged", with the newest one's reason."""
+    newest, reason = damaged[0]
+    others = f" (and {len(damaged) - 1} older one(s) damaged too)" if len(damaged) > 1 else ""
+    return f"no intact checkpoint in {root}: {newest.name}: {reason}{others}"
 
 
 def read_state(ckpt: Path) -> dict[str, Any]:

@@ -266,6 +266,9 @@ def _train(cfg: ExperimentConfig, out: Path, factory: Callable[[ReweightedLM, Ex
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise ckpt.CheckpointError(f"{point.path}: cannot be loaded ({reason}); resume from an older "
                                        "checkpoint with --resume-from STEP") from exc
+        if not distributed.all_true(ckpt.parameters_finite(engine.module)):  # e.g. older, unchecksummed files
+            raise ckpt.CheckpointError(f"{point.path}: its parameters are not finite after loading; resume from "
+                                       "an older checkpoint with --resume-from STEP")
         state = point.state
         sampler.load_state_dict(state["sampler"])
         if point.mixture_changed(cfg):

@@ -112,16 +112,25 @@ class ResumePoint:
 
 
 def select_checkpoint(root: Path, resume_from: Optional[str]) -> Optional[Path]:
-    """``--resume``: the newest intact checkpoint (None: start fresh). ``--resume-from STEP|PATH``: that one."""
+    """``--resume``: the newest intact checkpoint (None: start fresh). ``--resume-from STEP|PATH``: that one.
+
+    Checksums are verified (the checkpoint is about to be loaded). ``--resume`` where every
+    checkpoint is damaged refuses, naming the newest one's reason: starting at step 0 would
+    silently begin the run again over its own metrics.
+    """
     if resume_from is None:
-        return ckpt.find_latest(root)
+        latest, damaged = ckpt.scan(root, content=True)
+        if latest is None and damaged:
+            raise ckpt.CheckpointError(f"--resume: {ckpt.none_intact(root, damaged)}; nothing to continue "
+                                       "(start a new run with --overwrite, or repair the checkpoint)")
+        return latest
     text = str(resume_from)
     path = root / ckpt.checkpoint_name(int(text)) if text.isdigit() else Path(text)
     if not path.is_dir():
         steps = [p.name for p in ckpt.regular_checkpoints(root)]
         raise ResumeError(f"--resume-from {text}: no checkpoint {path}; available in {root}: "
                           f"{', '.join(steps) or 'none'}")
-    reason = ckpt.problem(path)
+    reason = ckpt.problem(path, content=True)
     if reason is not None:
         raise ResumeError(f"--resume-from {text}: checkpoint {path} is unusable: {reason}")
     return path
