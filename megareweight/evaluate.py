@@ -65,9 +65,10 @@ def evaluate_checkpoint(
         tokens = np.asarray(ids[: max_tokens + 1], dtype=np.int64)
         stream = TokenShard(Path(domain), tokens, np.minimum(np.asarray(ends), tokens.size))  # in memory
         n = (tokens.size - 1) // seq_len
-        if n <= 0:
-            raise ValueError(f"{path[0] if len(path) == 1 else domain}: {len(ids)} tokens, fewer than one "
-                             f"window of {seq_len + 1}; nothing to score")
+        if n <= 0:  # refused: a loss over no tokens would be NaN, printed as if it were a result
+            capped = f" (--max-tokens {max_tokens})" if len(ids) > tokens.size else ""
+            raise ValueError(f"{path[0] if len(path) == 1 else domain}: {tokens.size} tokens{capped}, fewer than one "
+                             f"window of {seq_len + 1} (--seq-len + 1); nothing to score")
         total, count = 0.0, 0
         batches = validation_batches(stream, seq_len, batch_size, n, packing=packing)  # every window, in order
         for batch in tqdm(batches, total=math.ceil(n / batch_size), desc=f"eval {domain}", disable=not progress, leave=False):
@@ -76,6 +77,9 @@ def evaluate_checkpoint(
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels, reduction="sum", ignore_index=IGNORE_INDEX)
             total += float(loss)
             count += int((labels != IGNORE_INDEX).sum())
+        if count == 0:  # packing: documents and only one-token (empty) documents: every label is masked
+            raise ValueError(f"{path[0] if len(path) == 1 else domain}: no token to score in {n} window(s): "
+                             "its documents are empty (the run packs by document, so no label crosses into the next)")
         mean = total / count
         results[domain] = {"loss": mean, "perplexity": math.exp(mean), "tokens": count}
     losses = [r["loss"] for r in results.values()]

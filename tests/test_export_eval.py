@@ -121,5 +121,27 @@ def test_eval_on_an_empty_file_is_one_line(trained_run, tmp_path, capsys):
     (tmp_path / "empty.jsonl").write_text("")
     assert main(["eval", "--checkpoint", str(trained_run), "--data", str(tmp_path / "empty.jsonl")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"megareweight: error: {tmp_path / 'empty.jsonl'}: 0 tokens, fewer than one window of 33; "
-                   "nothing to score"]
+    assert err == [f"megareweight: error: {tmp_path / 'empty.jsonl'}: 0 tokens, fewer than one window of 33 "
+                   "(--seq-len + 1); nothing to score"]
+
+
+def test_eval_capped_by_max_tokens_below_a_window_says_so(trained_run, corpus_dir, capsys):
+    """The file holds plenty of tokens: the message must blame --max-tokens, not claim the file is short."""
+    code = corpus_dir / "code.jsonl"
+    assert main(["eval", "--checkpoint", str(trained_run), "--data", str(code), "--max-tokens", "3", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"megareweight: error: {code}: 4 tokens (--max-tokens 3), fewer than one window of 33 "
+                   "(--seq-len + 1); nothing to score"]
+
+
+def test_eval_of_empty_documents_in_a_packed_by_document_run_is_one_line(prepared_dir, tmp_path, capsys):
+    """Every label is masked (each one-token document ends where the next begins): no loss to report."""
+    run = tmp_path / "run"
+    train(tiny_config(prepared_dir, data={"packing": "documents"}, train={"max_steps": 1, "eval_interval": 0}), run,
+          progress=False)
+    empty = tmp_path / "blank.jsonl"
+    empty.write_text('{"text": ""}\n' * 100)
+    assert main(["eval", "--checkpoint", str(run), "--data", str(empty), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"megareweight: error: {empty}: no token to score in 3 window(s): its documents are empty (the "
+                   "run packs by document, so no label crosses into the next)"]

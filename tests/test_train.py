@@ -188,3 +188,24 @@ def test_cli_train_and_verify(prepared_dir, tmp_path, capsys):
     assert len(_metrics(tmp_path / "o")) == 3
     assert main(["verify", str(prepared_dir)]) == 0
     assert "OK" in capsys.readouterr().out
+
+
+def test_a_validation_split_shorter_than_a_window_is_refused_before_the_run_starts(prepared_dir, tmp_path, capsys):
+    """Its loss would be NaN in eval.jsonl and summary.json (and the averages), read as a result."""
+    from megareweight.data.shards import PreparedData
+    from megareweight.train.loop import check_validation_splits
+
+    data = PreparedData.open(prepared_dir)
+    short = data.stream("valid", "code").num_tokens
+    cfg = tiny_config(prepared_dir, data={"seq_len": short}, model={"max_seq_len": short})
+    with pytest.raises(ValueError, match=rf"^data.eval_domains: domain 'code' has {short} validation tokens, fewer than "
+                                         rf"one window of data.seq_len \+ 1 = {short + 1}; exclude it with "
+                                         "data.eval_domains"):
+        train(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()  # refused before the run directory is taken
+    longer = [d for d in data.domains if data.stream("valid", d).num_windows(short) == 1]
+    assert longer, "the fixture needs a domain with exactly one validation window at this length"
+    check_validation_splits(data, longer, short, world_size=1)
+    with pytest.raises(ValueError, match=rf"domain '{longer[0]}' has 1 validation window\(s\) of {short + 1} tokens, "
+                                         "fewer than the 2 ranks"):
+        check_validation_splits(data, longer, short, world_size=2)

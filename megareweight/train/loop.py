@@ -104,6 +104,30 @@ def plan_domains(cfg: ExperimentConfig, data: PreparedData) -> DomainPlan:
     return DomainPlan(train=list(train), weights=weights, eval=list(eval_domains))
 
 
+def check_validation_splits(data: PreparedData, domains: list[str], seq_len: int, world_size: int) -> None:
+    """Refuse (before anything is written) an evaluated domain whose validation split holds no window.
+
+    Why an error rather than a warning: such a domain's loss has no value (its mean over zero
+    windows is NaN), and a NaN written into eval.jsonl/summary.json (and the averages over domains)
+    reads like a result. A window is ``seq_len + 1`` tokens within one shard, and every rank must
+    score at least one (the windows are split evenly over the ranks).
+    """
+    need = seq_len + 1
+    for domain in domains:
+        stream = data.stream("valid", domain)
+        windows = stream.num_windows(seq_len)
+        if windows >= max(world_size, 1):
+            continue
+        fix = "exclude it with data.eval_domains, lower data.seq_len, or prepare with a larger --valid-fraction"
+        if windows == 0:
+            largest = max((s.num_tokens for s in stream.shards), default=0)
+            where = f" (largest shard {largest})" if len(stream.shards) > 1 else ""
+            raise ValueError(f"data.eval_domains: domain {domain!r} has {stream.num_tokens} validation tokens{where}, "
+                             f"fewer than one window of data.seq_len + 1 = {need}; {fix}")
+        raise ValueError(f"data.eval_domains: domain {domain!r} has {windows} validation window(s) of {need} tokens, "
+                         f"fewer than the {world_size} ranks (each must score one); {fix}")
+
+
 def loss_domain_weights(cfg: ExperimentConfig, plan: DomainPlan) -> Optional[list[float]]:
     """``reweight.domain_weights`` in the sampler's domain order (None unless strategy: domain);
     every trained domain needs a weight and every key must be a trained domain."""
@@ -212,6 +236,7 @@ def train(
     out = Path(out_dir)
     data = PreparedData.open(cfg.data.prepared)
     plan = plan_domains(cfg, data)
+    check_validation_splits(data, plan.eval, cfg.data.seq_len, distributed.world_size())
     with run_dir.claim(out, resume, overwrite, is_writer) as run, StopRequests() as stop:
         point = resume_policy.locate(cfg, out, resume_from, data.manifest, plan.train, is_writer) if resume else None
         if point is not None:
