@@ -31,7 +31,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="continue from this checkpoint (a step of --out's checkpoints, or a checkpoint directory)")
     p.add_argument("--overwrite", action="store_true",
                    help="start a new run even if --out holds another run (whose checkpoints, metrics and wandb "
-                        "files are removed)")
+                        "files are removed); also with --resume-from a checkpoint of another directory")
     p.add_argument("--deepspeed", metavar="JSON", default=None, help="DeepSpeed config; runs under DeepSpeed")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
     p.add_argument("--quiet", action="store_true", help="no progress bars or banners")
@@ -79,8 +79,8 @@ def run_training(args: argparse.Namespace, shutdown_groups: bool = False) -> int
     from megareweight.train.loop import train
     from megareweight.train.signals import StoppedBySignal
 
-    if args.overwrite and (args.resume or args.resume_from):
-        raise UsageError("--overwrite starts a new run; it cannot be combined with --resume/--resume-from")
+    if args.overwrite and args.resume:
+        raise UsageError("--overwrite starts a new run; it cannot be combined with --resume")
     enable_native_crash_tracebacks()
     cfg = load_config(args.config, args.overrides)
     factory = None

@@ -223,7 +223,9 @@ def train(
 
     ``resume``: continue the newest intact checkpoint in ``out_dir`` (start fresh when there is
     none); ``resume_from`` (a step or a checkpoint directory) picks one and implies ``resume``;
-    ``overwrite``: replace another run's files in ``out_dir``. The directory is locked while
+    ``overwrite``: replace another run's files in ``out_dir`` (with ``resume_from``, only for a
+    checkpoint outside ``out_dir``: another run's, which never continues in a directory holding a
+    different run; see :mod:`~megareweight.train.run_dir`). The directory is locked while
     training (:mod:`~megareweight.train.run_dir`); a changed config is checked against the
     checkpoint's (:mod:`~megareweight.train.resume`). SIGTERM/SIGINT/SIGUSR1 end the run after the
     current step with a checkpoint and :class:`~megareweight.train.signals.StoppedBySignal`.
@@ -234,10 +236,12 @@ def train(
     resume = resume or resume_from is not None
     is_writer = distributed.rank() == 0
     out = Path(out_dir)
+    resume_policy.check_overwrite(out, resume, resume_from, overwrite)
     data = PreparedData.open(cfg.data.prepared)
     plan = plan_domains(cfg, data)
     check_validation_splits(data, plan.eval, cfg.data.seq_len, distributed.world_size())
-    with run_dir.claim(out, resume, overwrite, is_writer) as run, StopRequests() as stop:
+    source = resume_policy.foreign_checkpoint(out, resume_from)
+    with run_dir.claim(out, resume, overwrite, is_writer, source) as run, StopRequests() as stop:
         point = resume_policy.locate(cfg, out, resume_from, data.manifest, plan.train, is_writer) if resume else None
         if point is not None:
             if point.step == cfg.train.max_steps:

@@ -136,6 +136,23 @@ def select_checkpoint(root: Path, resume_from: Optional[str]) -> Optional[Path]:
     return path
 
 
+def foreign_checkpoint(out: Path, resume_from: Optional[str]) -> Optional[Path]:
+    """The checkpoint ``--resume-from PATH`` names when it lies outside ``out`` (None for a step, or
+    a path inside ``out``): another directory's run, whose identity :func:`run_dir.claim` checks."""
+    if resume_from is None or str(resume_from).isdigit():
+        return None
+    path = Path(resume_from).resolve()
+    return None if path.is_relative_to(Path(out).resolve()) else path
+
+
+def check_overwrite(out: Path, resume: bool, resume_from: Optional[str], overwrite: bool) -> None:
+    """``--overwrite`` with a resume only makes sense for a checkpoint outside ``out`` (it would
+    delete the very checkpoint to continue otherwise)."""
+    if overwrite and resume and foreign_checkpoint(out, resume_from) is None:
+        raise ResumeError("--overwrite starts a new run; it cannot be combined with --resume or with --resume-from "
+                          "a checkpoint inside --out (only with --resume-from a checkpoint of another directory)")
+
+
 def check(path: Path, cfg: ExperimentConfig, world_size: int, manifest: dict[str, Any],
           train_domains: list[str]) -> ResumePoint:
     """Compare ``cfg`` with the checkpoint's; raise :class:`ResumeError` naming every refused key."""
@@ -212,11 +229,12 @@ def locate(cfg: ExperimentConfig, out: Path, resume_from: Optional[str], manifes
             say(f"--resume: no checkpoint in {root}; starting at step 0")
             return None
         point = check(path, cfg, world_size(), manifest, train_domains)
-        if path.parent.resolve() == root.resolve():
-            retired = ckpt.retire_newer(root, point.step)
-            if retired is not None:
-                warnings.warn(f"checkpoints newer than {path.name} belong to the continuation being replaced; "
-                              f"moved to {retired}")
+        # Also for a checkpoint from elsewhere: run_dir.claim let it in only for this run (or an emptied
+        # directory), so newer checkpoints here belong to a continuation being replaced.
+        retired = ckpt.retire_newer(root, point.step)
+        if retired is not None:
+            warnings.warn(f"checkpoints newer than {path.name} belong to the continuation being replaced; "
+                          f"moved to {retired}")
         changes = f"; changed: {'; '.join(point.changes)}" if point.changes else ""
         say(f"resuming from step {point.step} ({path}){changes}")
         return point

@@ -14,6 +14,15 @@
   a run writes (checkpoints, metrics, eval, summary, config, run.json, wandb), never other files,
   and only after the lock is held. The old files are first renamed into one hidden directory and
   then deleted, so a crash half-way never leaves a directory that looks like a run.
+* **A checkpoint from elsewhere** (``--resume-from PATH`` outside ``--out``): continuing it in a
+  directory that holds another run would append one run's steps to another's metrics and carry
+  the other's run id into the new checkpoints, so it refuses, naming both runs, unless
+  ``--overwrite`` (which removes the old run as above). It continues the directory's run when
+  that run is the checkpoint's own (same run id: a copied run directory) or was started from the
+  checkpoint's run before (a retried branch). Into an empty or new ``--out`` it starts a **new
+  run** (new run id, new wandb run) whose ``run.json`` records ``resumed_from`` (run id, path,
+  step): a branch, not the same run, because the original run may go on in its own directory and
+  two directories must never write to one wandb run.
 
 Only the writing rank (rank 0) touches the directory; its decision, or its refusal, is broadcast
 so every rank raises the same error instead of some ranks waiting in a collective forever.
@@ -55,21 +64,56 @@ class RunInfo:
     run_id: str
     wandb_id: str
     created: str
+    resumed_from: Optional[dict] = None  # a branch: {"run_id", "checkpoint", "step"} it started from
 
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
-def new_run_info() -> RunInfo:
-    return RunInfo(run_id=secrets.token_hex(6), wandb_id=secrets.token_hex(6), created=_now())
+def new_run_info(resumed_from: Optional[dict] = None) -> RunInfo:
+    return RunInfo(run_id=secrets.token_hex(6), wandb_id=secrets.token_hex(6), created=_now(),
+                   resumed_from=resumed_from)
 
 
 def read_run_info(out: Path) -> Optional[RunInfo]:
     try:
         raw = json.loads((Path(out) / RUN_FILE).read_text())
-        return RunInfo(str(raw["run_id"]), str(raw["wandb_id"]), str(raw.get("created", "")))
-    except (OSError, ValueError, KeyError, TypeError):
+        origin = raw.get("resumed_from")
+        return RunInfo(str(raw["run_id"]), str(raw["wandb_id"]), str(raw.get("created", "")),
+                       origin if isinstance(origin, dict) else None)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+@dataclass(frozen=True)
+class CheckpointOrigin:
+    """Whose checkpoint ``--resume-from PATH`` names: its run id (None before run ids), step, run directory."""
+
+    path: Path
+    run_id: Optional[str]
+    step: int
+
+    @property
+    def run_dir(self) -> Path:
+        """The run directory holding it (``<run>/checkpoints/...``), else its parent."""
+        return next((p.parent for p in self.path.parents if p.name == "checkpoints"), self.path.parent)
+
+    def describe(self) -> str:
+        run = f"run {self.run_id}" if self.run_id else "a run without a run id (written by an older version)"
+        return f"checkpoint {self.path} is {run} from {self.run_dir}"
+
+
+def checkpoint_origin(path: Path) -> Optional[CheckpointOrigin]:
+    """The origin recorded in a checkpoint's ``trainer_state.json``; None when unreadable (resume
+    then refuses the checkpoint itself, with the reason)."""
+    from megareweight.train.checkpoint import read_state
+
+    try:
+        state = read_state(path)
+        run_id = state.get("run_id")
+        return CheckpointOrigin(Path(path).resolve(), str(run_id) if run_id else None, int(state["step"]))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
 
@@ -173,7 +217,42 @@ def _remove_previous_run(out: Path) -> list[str]:
     return moved
 
 
-def _claim_on_writer(out: Path, resume: bool, overwrite: bool) -> tuple[RunLock, RunInfo]:
+def _write_info(out: Path, info: RunInfo) -> RunInfo:
+    (out / RUN_FILE).write_text(json.dumps(asdict(info), indent=2))
+    return info
+
+
+def _overwrite(out: Path, info: Optional[RunInfo]) -> None:
+    old = info.run_id if info else "without run.json"
+    moved = _remove_previous_run(out)
+    warnings.warn(f"--overwrite: removed the previous run ({old}) from {out}: {', '.join(moved)}")
+
+
+def _claim_for_checkpoint(out: Path, info: Optional[RunInfo], source: Path, overwrite: bool) -> RunInfo:
+    """``--resume-from`` a checkpoint outside ``out``: the same run continues, any other refuses
+    (or, with ``overwrite``, is removed) and a new run starts from the checkpoint."""
+    origin = checkpoint_origin(source)
+    if origin is None:  # unreadable: the resume refuses it next, naming the reason; nothing to decide here
+        return info or _write_info(out, new_run_info())
+    own = info is not None and origin.run_id is not None and origin.run_id in (
+        info.run_id, (info.resumed_from or {}).get("run_id"))
+    if holds_run(out) and (overwrite or not own):
+        if not overwrite:
+            here = f"run {info.run_id}" if info else "a run without run.json"
+            raise RunDirectoryError(
+                f"--out {out} holds {here} ({describe_run(out)}) but --resume-from {origin.describe()}: continuing "
+                "it here would mix two runs in one directory; choose a new --out (a new run starting from that "
+                "checkpoint), or replace the run in --out with --overwrite")
+        _overwrite(out, info)
+        own = False
+    if own and info is not None:
+        return info
+    return _write_info(out, new_run_info({"run_id": origin.run_id, "checkpoint": str(origin.path),
+                                          "step": origin.step}))
+
+
+def _claim_on_writer(out: Path, resume: bool, overwrite: bool,
+                     source: Optional[Path] = None) -> tuple[RunLock, RunInfo]:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -184,18 +263,17 @@ def _claim_on_writer(out: Path, resume: bool, overwrite: bool) -> tuple[RunLock,
     lock.acquire()
     try:
         info = read_run_info(out)
-        if not resume and holds_run(out):
+        if source is not None:
+            info = _claim_for_checkpoint(out, info, source, overwrite)
+        elif not resume and holds_run(out):
             if not overwrite:
                 raise RunDirectoryError(
                     f"--out {out} already holds a run ({describe_run(out)}); continue it with --resume "
                     "or replace it with --overwrite")
-            old = info.run_id if info else "without run.json"
-            moved = _remove_previous_run(out)
-            warnings.warn(f"--overwrite: removed the previous run ({old}) from {out}: {', '.join(moved)}")
+            _overwrite(out, info)
             info = None
-        if info is None or not resume:
-            info = new_run_info()
-            (out / RUN_FILE).write_text(json.dumps(asdict(info), indent=2))
+        if info is None or (not resume and source is None):
+            info = _write_info(out, new_run_info())
     except OSError as exc:
         lock.release()
         raise RunDirectoryError(f"--out {out}: {exc.strerror}: {exc.filename}") from None
@@ -206,13 +284,18 @@ def _claim_on_writer(out: Path, resume: bool, overwrite: bool) -> tuple[RunLock,
 
 
 @contextlib.contextmanager
-def claim(out: str | Path, resume: bool, overwrite: bool, is_writer: bool) -> Iterator[RunInfo]:
-    """Hold ``out`` for one training; every rank gets the same :class:`RunInfo` or the same error."""
+def claim(out: str | Path, resume: bool, overwrite: bool, is_writer: bool,
+          source: Optional[Path] = None) -> Iterator[RunInfo]:
+    """Hold ``out`` for one training; every rank gets the same :class:`RunInfo` or the same error.
+
+    ``source``: the checkpoint of a ``--resume-from PATH`` outside ``out`` (see the module's
+    "A checkpoint from elsewhere" for the identity the run gets).
+    """
     out = Path(out)
     held: list[RunLock] = []
 
     def decide() -> RunInfo:
-        lock, info = _claim_on_writer(out, resume, overwrite)
+        lock, info = _claim_on_writer(out, resume, overwrite, source)
         held.append(lock)
         return info
 
