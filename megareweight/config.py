@@ -27,6 +27,16 @@ class ConfigError(ValueError):
     """A bad configuration value; ``str()`` is a one-line message naming the key."""
 
 
+#: float32 limits: the reweighting maths (normalised losses, scores, softmax weights) runs in float32.
+F32_TINY = 1.1754943508222875e-38  # smallest normal float32 (devices may flush smaller values to 0)
+F32_MAX = 3.4028234663852886e38
+#: reweight.delta's range: the quadratic strategy computes x*x and delta*delta (|x| <= delta), so
+#: delta squared must be a normal, finite float32: sqrt(F32_TINY) <= delta <= sqrt(F32_MAX).
+DELTA_RANGE = (math.sqrt(F32_TINY), math.sqrt(F32_MAX))
+#: train.seed is an unsigned 64-bit integer for torch.manual_seed (and the sampler's 64-bit keys).
+MAX_SEED = 2**64 - 1
+
+
 class _Loader(yaml.SafeLoader):
     """YAML 1.1 reads ``1e-3`` as a string (it wants ``1.0e-3``); learning rates are written
     that way all the time, so also resolve plain scientific notation as floats."""
@@ -321,10 +331,15 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
              f"{rw.strategy!r} is not allowed; allowed values: {', '.join(STRATEGIES)}")
     for key, value in (("r", rw.r), ("delta", rw.delta), ("warmup_r", rw.warmup_r)):
         _require(value > 0, f"reweight.{key}", f"must be > 0, got {value}")
+    _check_float32_reweighting(rw)
     _require(rw.warmup_steps >= 0, "reweight.warmup_steps", f"must be >= 0, got {rw.warmup_steps}")
     _require(rw.unit == "sequence" or d.packing == "documents", "reweight.unit",
              "'document' needs data.packing: documents (windows must know where documents start)")
     _require(rw.max_documents >= 1, "reweight.max_documents", f"must be >= 1, got {rw.max_documents}")
+    # A window's seq_len input tokens cannot hold more than seq_len documents (each has >= 1 token);
+    # a larger value only makes the per-sample tensors (windows x max_documents) and the step slower.
+    _require(rw.unit != "document" or rw.max_documents <= d.seq_len, "reweight.max_documents",
+             f"must be <= data.seq_len {d.seq_len} (a window cannot hold more documents), got {rw.max_documents}")
     if rw.strategy == "domain":
         _require(bool(rw.domain_weights), "reweight.domain_weights",
                  "reweight.strategy: domain needs a mapping domain: weight (one per trained domain)")
@@ -347,7 +362,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _require(t.log_interval >= 1, "train.log_interval", f"must be >= 1, got {t.log_interval}")
     _require(t.checkpoint_interval >= 0, "train.checkpoint_interval", f"must be >= 0, got {t.checkpoint_interval}")
     _require(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
-    _require(t.seed >= 0, "train.seed", f"must be >= 0, got {t.seed}")
+    _require(0 <= t.seed <= MAX_SEED, "train.seed", f"must be in [0, 2**64 - 1] (a 64-bit seed), got {t.seed}")
     _require(t.histogram_interval >= 0, "train.histogram_interval", f"must be >= 0, got {t.histogram_interval}")
     _require(t.keep_checkpoints >= 0, "train.keep_checkpoints", f"must be >= 0, got {t.keep_checkpoints}")
     # A strategy whose warm-up covers the whole run is never applied: the run would be uniform while
@@ -356,6 +371,26 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
              f"{rw.warmup_steps} >= train.max_steps {t.max_steps}, so reweight.strategy {rw.strategy!r} would never "
              "switch on; lower reweight.warmup_steps or set reweight.strategy: uniform")
     return cfg
+
+
+def _check_float32_reweighting(rw: ReweightConfig) -> None:
+    """Bounds that keep the float32 reweighting maths finite (each value passes ``> 0``, then breaks it).
+
+    * ``delta`` in :data:`DELTA_RANGE` (why: see there); 1e300 is inf in float32 and the
+      normalised losses become NaN.
+    * ``r`` and ``warmup_r``: the weights are ``softmax(f / r)`` with every strategy's score
+      ``f <= max(delta, 1)``. ``r`` must be a normal float32 (1e-320 becomes 0: weights -inf and a
+      zero gradient on every step, reported as no skipped step) and ``max(delta, 1) / r`` finite
+      (an overflowing score gives inf - inf = NaN weights); at most float32's largest number.
+    """
+    low, high = DELTA_RANGE
+    _require(low <= rw.delta <= high, "reweight.delta",
+             f"must be in [{low:.3g}, {high:.3g}] (delta squared must be a finite float32), got {rw.delta!r}")
+    smallest = max(F32_TINY, max(rw.delta, 1.0) / F32_MAX)
+    for key, value in (("r", rw.r), ("warmup_r", rw.warmup_r)):
+        _require(smallest <= value <= F32_MAX, f"reweight.{key}",
+                 f"must be in [{smallest:.3g}, {F32_MAX:.3g}] (the weights softmax(f/r) are float32: r must be a "
+                 f"normal float32 and the scores f/r <= max(delta, 1)/r finite), got {value!r}")
 
 
 def config_from_dict(raw: dict[str, Any] | None) -> ExperimentConfig:

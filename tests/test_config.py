@@ -129,3 +129,31 @@ def test_checkpointing_and_compile_values():
     assert (every.activation_checkpointing, every.checkpoint_every) == ("every_k", 3)
     assert config_from_dict({"train": {"compile": "ops"}}).train.compile == "ops"
     assert config_from_dict({"train": {"compile": True}}).train.compile is True
+
+
+@pytest.mark.parametrize("raw, pattern", [
+    # each value passed "> 0" and then broke the float32 reweighting maths
+    ({"reweight": {"r": 1e-320}}, r"reweight\.r: must be in \[1\.18e-38, 3\.4e\+38\] \(the weights softmax\(f/r\) are "
+                                  r"float32: r must be a normal float32 .*\), got 1e-320"),
+    ({"reweight": {"warmup_r": 1e-40}}, r"reweight\.warmup_r: must be in \[1\.18e-38, "),
+    ({"reweight": {"r": 1e39}}, r"reweight\.r: must be in \[1\.18e-38, 3\.4e\+38\]"),
+    ({"reweight": {"delta": 1e300}}, r"reweight\.delta: must be in \[1\.08e-19, 1\.84e\+19\] \(delta squared must be "
+                                     r"a finite float32\), got 1e\+300"),
+    ({"reweight": {"delta": 1e-20}}, r"reweight\.delta: must be in \[1\.08e-19, "),
+    ({"reweight": {"delta": 1e19, "r": 1e-20}}, r"reweight\.r: must be in \[2\.94e-20, .*got 1e-20"),  # delta/r overflows
+    ({"data": {"packing": "documents", "seq_len": 32}, "reweight": {"unit": "document", "max_documents": 100000000}},
+     r"reweight\.max_documents: must be <= data\.seq_len 32 \(a window cannot hold more documents\), got 100000000"),
+    ({"train": {"seed": 2**70}}, r"train\.seed: must be in \[0, 2\*\*64 - 1\] \(a 64-bit seed\), got 1180591620717411303424"),
+])
+def test_values_the_float32_maths_or_the_machine_cannot_take(raw, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        config_from_dict(raw)
+
+
+def test_the_bounds_admit_their_limits():
+    """The largest seed, the smallest temperature, a max_documents of exactly seq_len are accepted."""
+    cfg = config_from_dict({"train": {"seed": 2**64 - 1}, "reweight": {"r": 1.2e-38}})
+    assert cfg.train.seed == 2**64 - 1
+    config_from_dict({"reweight": {"delta": 1.8e19, "r": 1e-19}})
+    config_from_dict({"data": {"packing": "documents", "seq_len": 32}, "reweight": {"unit": "document", "max_documents": 32}})
+    config_from_dict({"reweight": {"max_documents": 10**8}})  # unit: sequence ignores it

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import lzma
+import re
 import shutil
 from pathlib import Path
 
@@ -232,3 +233,30 @@ def test_cli_init_shard_merge(multi_corpus, prepared_dir, tmp_path, capsys):
     assert main(["verify", out, "--quiet"]) == 0
     assert main(["prepare", "--out", str(tmp_path / "none"), "--shard", "0/1", "--quiet"]) == 2
     assert "prepare_plan.json: not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("workers", ["0", "999"])
+def test_bad_workers_are_refused_before_the_tokenizer_or_out(corpus_dir, tmp_path, monkeypatch, capsys, workers):
+    """--workers 999 forked 1000 processes; --workers 0 was refused only after the tokenizer was trained."""
+    import megareweight.data.prepare as prepare_module
+
+    monkeypatch.setattr(prepare_module, "usable_cpus", lambda: 2)
+    out = tmp_path / "p"
+    assert main(["prepare", "--corpus", str(corpus_dir), "--out", str(out), "--vocab-size", "320",
+                 "--workers", workers, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"megareweight: error: --workers must be in [1, 4] (2 x the 2 usable CPUs: more workers than that "
+                   f"add no speed), got {workers}"]
+    assert not out.exists()
+    assert main(["prepare", "--out", str(tmp_path / "none"), "--shard", "0/1", "--workers", workers, "--quiet"]) == 2
+    assert "--workers must be in [1, 4]" in capsys.readouterr().err
+
+
+def test_a_vocabulary_smaller_than_the_corpus_needs_names_the_floor(corpus_dir, tmp_path, capsys):
+    """SentencePiece's own message suggested a --character_coverage option megareweight does not have (exit 1)."""
+    assert main(["prepare", "--corpus", str(corpus_dir), "--out", str(tmp_path / "p"), "--vocab-size", "300",
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "character_coverage" not in err[0], err
+    assert re.fullmatch(r"megareweight: error: vocab_size 300 is too small for this corpus: it needs at least (\d+) "
+                        r"pieces \(256 byte-fallback pieces, .*\); raise --vocab-size to >= \1", err[0]), err

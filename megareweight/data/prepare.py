@@ -38,6 +38,7 @@ import collections
 import contextlib
 import hashlib
 import multiprocessing
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -60,6 +61,28 @@ OWNED = (MANIFEST, PLAN, "tokenizer.model", "tokenizer.json", "train", "valid", 
 
 class PrepareError(ValueError):
     """Bad input to ``prepare`` (exit code 2): a used output directory, a missing plan or part."""
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (a batch job's allocation, not the whole node)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # no sched_getaffinity (macOS)
+        return os.cpu_count() or 1
+
+
+def check_workers(workers: int) -> None:
+    """``--workers`` must be in [1, 2 x usable CPUs]: checked before any work (tokenizer, --out).
+
+    Why the cap: each worker is a single-threaded, CPU-bound tokenizing process holding its own
+    tokenizer, so workers beyond the CPUs add memory and processes but no speed (the output is
+    the same for any count). Twice the CPUs leaves room for workers that wait on the main
+    process's reading and decompression; ``--workers 999`` is a typo, not 1000 processes.
+    """
+    cap = 2 * usable_cpus()
+    if not 1 <= workers <= cap:
+        raise PrepareError(f"--workers must be in [1, {cap}] (2 x the {cap // 2} usable CPUs: more workers than "
+                           f"that add no speed), got {workers}")
 
 
 def part_name(index: int, count: int) -> str:
@@ -291,12 +314,11 @@ def _encoder_map(out: Path, plan: dict[str, Any], workers: int) -> Iterator[Call
 def prepare_part(out_dir: PathLike, index: int = 0, count: int = 1, workers: int = 1,
                  progress: bool = True) -> dict[str, Any]:
     """Step 2: tokenize this job's files of every domain; returns (and writes) the part record."""
+    check_workers(workers)
     out = Path(out_dir)
     plan = read_plan(out)
     if not 0 <= index < count:
         raise PrepareError(f"part {index} of {count}: need 0 <= index < count")
-    if workers < 1:
-        raise PrepareError(f"--workers must be >= 1, got {workers}")
     name = part_name(index, count)
     _remove_part_files(out, plan, name)
     dtype = np.dtype(plan["dtype"])
@@ -392,6 +414,7 @@ def prepare(
     ``tokenizer_model`` reuses an existing tokenizer (SentencePiece ``.model`` or Hugging Face
     ``tokenizer.json``) instead of training one.
     """
+    check_workers(workers)  # before the tokenizer is trained and --out is taken
     init_preparation(out_dir, corpus_dir, domain_specs, domains, vocab_size, valid_fraction, tokenizer_sample_mb,
                      tokenizer_model, eos_token, seed, overwrite)
     prepare_part(out_dir, 0, 1, workers=workers, progress=progress)

@@ -263,6 +263,16 @@ def train_tokenizer(
                 f"vocab_size {vocab_size} is too large for this corpus: its sample supports at most "
                 f"{match.group(1)} pieces; lower --vocab-size"
             ) from None
+        # SentencePiece's own advice ("decrease character_coverage with --character_coverage")
+        # names an option megareweight does not have; the floor depends on the corpus (how many
+        # characters cover 99.95 % of it), so it is known only once SentencePiece has counted them.
+        match = re.search(r"Vocabulary size is smaller than required_chars\. \d+ vs (\d+)", str(exc))
+        if match:
+            raise ValueError(
+                f"vocab_size {vocab_size} is too small for this corpus: it needs at least {match.group(1)} pieces "
+                "(256 byte-fallback pieces, the special pieces and the characters that cover 99.95 % of its "
+                f"sample); raise --vocab-size to >= {match.group(1)}"
+            ) from None
         raise
     out_path.write_bytes(proto.getvalue())
     return SentencePieceTokenizer(out_path)
