@@ -294,3 +294,26 @@ def test_deepspeed_versions_that_apply_nan_steps_are_refused() -> None:
     with pytest.raises(ConfigError, match=r"deepspeed 0\.19\.6 is installed; megareweight needs deepspeed>=0\.19\.8"):
         check_deepspeed_version("0.19.6")
     check_deepspeed_version("0.19.8")
+
+
+def test_zero3_checkpoint_checksums_cover_every_shard(linupper_run, tmp_path: Path, capsys) -> None:
+    """Every file of a 2-rank ZeRO-3 checkpoint (each rank's optimizer shard, the model states, the
+    RNG files) has a checksum in COMPLETE; one changed byte in rank 1's optimizer shard is named by
+    ``export`` (like ``eval`` and ``--resume``) instead of being loaded."""
+    from megareweight.cli import main
+
+    _, out = linupper_run
+    last = tmp_path / "step"
+    shutil.copytree(out / "checkpoints" / f"step_{STEPS:08d}", last)
+    manifest = json.loads((last / ckpt.COMPLETE).read_text())
+    shards = [rel for rel in manifest["files"] if "optim_states" in rel]
+    assert len(shards) == 2 and set(manifest["xxh3_128"]) == set(manifest["files"])
+    assert any("rng_rank00001" in rel for rel in manifest["files"])
+    shard = last / next(rel for rel in shards if "rank_1_" in rel)
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    assert ckpt.problem(last) is None
+    assert main(["export", "--checkpoint", str(last), "--out", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert f"{shard.relative_to(last)} xxh3_128 checksum mismatch" in err, err
