@@ -4,6 +4,7 @@ from __future__ import annotations
 import gzip
 import json
 import lzma
+import re
 import shutil
 
 import numpy as np
@@ -122,6 +123,82 @@ def test_index_mismatch_and_flipped_bytes(prepared_copy):
 def test_missing_manifest(tmp_path):
     with pytest.raises(ShardError, match="manifest.json: not found"):
         PreparedData.open(tmp_path)
+
+
+def _edit_manifest(prepared, edit) -> None:
+    path = prepared / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+def test_manifest_totals_and_vocabulary_are_derived_not_trusted(prepared_copy):
+    """An edited domain total would change the natural mixture; an inflated vocab_size the embedding."""
+    original = (prepared_copy / "manifest.json").read_text()
+    true_total = json.loads(original)["domains"]["code"]["train"]["tokens"]
+    _edit_manifest(prepared_copy, lambda m: m["domains"]["code"]["train"].update(tokens=true_total * 10))
+    with pytest.raises(ShardError, match=rf"manifest.json: domains.code.train states {true_total * 10} tokens .*, "
+                                         rf"its shards' index files hold {true_total} /"):
+        PreparedData.open(prepared_copy)
+    assert any("domains.code.train states" in p for p in verify_prepared(prepared_copy))
+    (prepared_copy / "manifest.json").write_text(original)
+    _edit_manifest(prepared_copy, lambda m: m.update(vocab_size=100_000))
+    with pytest.raises(ShardError, match=r"manifest.json: vocab_size is 100000 but the tokenizer tokenizer.model "
+                                         r"gives 320$"):
+        PreparedData.open(prepared_copy)
+    (prepared_copy / "manifest.json").write_text(original)
+    _edit_manifest(prepared_copy, lambda m: m["domains"]["prose"]["valid"]["shards"][0].update(documents=1))
+    with pytest.raises(ShardError, match=r"domains.prose.valid.shards\[0\] states .* / 1 documents, "
+                                         r"00000-of-00001.idx holds"):
+        PreparedData.open(prepared_copy)
+
+
+def test_manifest_paths_must_stay_inside_the_prepared_directory(prepared_copy, tmp_path, capsys):
+    from megareweight.cli import main
+
+    secret = tmp_path / "other" / "train"
+    secret.mkdir(parents=True)
+    for suffix in (".bin", ".idx"):
+        shutil.copy(prepared_copy / "train" / "code" / f"00000-of-00001{suffix}", secret / f"x{suffix}")
+    original = (prepared_copy / "manifest.json").read_text()
+    edits = {"domains.code.train.shards[0].bin": lambda m: m["domains"]["code"]["train"]["shards"][0].update(
+                 bin="../../../other/train/x.bin"),
+             "tokenizer.file": lambda m: m["tokenizer"].update(file="../other/train/x.bin")}
+    for key, edit in edits.items():
+        (prepared_copy / "manifest.json").write_text(original)
+        _edit_manifest(prepared_copy, edit)
+        with pytest.raises(ShardError, match=rf"manifest.json: {re.escape(key)} names .* outside the prepared "
+                                             "directory"):
+            PreparedData.open(prepared_copy)
+        assert main(["verify", str(prepared_copy), "--quiet"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "outside the prepared directory" in err[0], err
+
+
+def test_missing_manifest_key_is_one_line_naming_it(prepared_copy, capsys):
+    from megareweight.cli import main
+
+    original = (prepared_copy / "manifest.json").read_text()
+    for key, edit in {"domains.code.train.tokens": lambda m: m["domains"]["code"]["train"].pop("tokens"),
+                      "vocab_size": lambda m: m.pop("vocab_size"),
+                      "domains.numbers.valid.shards[0].idx_sha256":
+                          lambda m: m["domains"]["numbers"]["valid"]["shards"][0].pop("idx_sha256")}.items():
+        (prepared_copy / "manifest.json").write_text(original)
+        _edit_manifest(prepared_copy, edit)
+        assert main(["verify", str(prepared_copy), "--quiet"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"megareweight: error: {prepared_copy / 'manifest.json'}: missing key {key!r}"], err
+
+
+def test_missing_tokenizer_is_an_error_at_train_start(prepared_copy, tmp_path):
+    """Checkpoints promise a copy of the tokenizer; a run without it must not start."""
+    from megareweight.train.loop import train
+    from tests.conftest import tiny_config
+
+    (prepared_copy / "tokenizer.model").unlink()
+    with pytest.raises(ShardError, match=r"tokenizer.model: tokenizer file missing"):
+        train(tiny_config(prepared_copy, train={"max_steps": 2, "eval_interval": 0}), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 # --- mixture sampler ------------------------------------------------------------------------------

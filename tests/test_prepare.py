@@ -167,7 +167,8 @@ def test_token_ids_beyond_the_vocabulary_fail_at_open(prepared_dir, tmp_path, ca
     manifest = json.loads((out / "manifest.json").read_text())
     largest = manifest["domains"]["code"]["train"]["shards"][0]["max_token_id"]
     assert 0 < largest < manifest["vocab_size"]
-    manifest["vocab_size"] = largest  # as if the shards came from a larger tokenizer
+    # As if the shards came from a larger tokenizer (vocab_size itself is checked against the tokenizer file).
+    manifest["domains"]["code"]["train"]["shards"][0]["max_token_id"] = manifest["vocab_size"] + 5
     (out / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ShardError, match=r"train/code/00000-of-00001\.bin: holds token ids up to \d+ but the vocabulary has"):
         PreparedData.open(out).stream("train", "code")

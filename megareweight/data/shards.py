@@ -11,9 +11,11 @@
 Opening is O(1) per shard and reads no token and no offset table: both files are memory-mapped
 and only their sizes, the first and last offset, the manifest's counts and the manifest's largest
 token id (against the vocabulary) are checked, so ids >= vocab fail at open naming the file rather
-than as an index error mid-run. The full scan (offsets strictly increasing, EOS after every
-document, every token id, SHA-256 of every file, no stray shard files) is
-:func:`verify_prepared` (``megareweight verify``).
+than as an index error mid-run. Before that, :meth:`PreparedData.open` checks the manifest
+against its files (:mod:`~megareweight.data.manifest_check`: keys, paths inside the directory,
+vocabulary and counts derived from the tokenizer and the ``.idx`` files). The full scan (offsets
+strictly increasing, EOS after every document, every token id, SHA-256 of every file, no stray
+shard files) is :func:`verify_prepared` (``megareweight verify``).
 
 Format 1 (one ``<split>/<domain>.bin`` per domain, no largest token id) is still read; its shards
 are range-checked only by ``megareweight verify``.
@@ -230,10 +232,18 @@ class TokenStream:
 
 
 def _upgrade_v1(manifest: dict[str, Any]) -> dict[str, Any]:
-    """Format 1 (one shard per domain and split) in format 2's shape; no largest token id."""
-    for domain, splits in manifest["domains"].items():
+    """Format 1 (one shard per domain and split) in format 2's shape; no largest token id.
+
+    Missing keys stay missing (``None``) for :func:`~megareweight.data.manifest_check.structure_problem`
+    to name; a shape that is not even nested mappings is left alone for the same reason.
+    """
+    domains = manifest.get("domains")
+    if not isinstance(domains, dict) or not all(isinstance(s, dict) and all(isinstance(e, dict) for e in s.values())
+                                                for s in domains.values()):
+        return manifest
+    for domain, splits in domains.items():
         for split, entry in splits.items():
-            splits[split] = {"tokens": entry["tokens"], "documents": entry["documents"], "max_token_id": None,
+            splits[split] = {"tokens": entry.get("tokens"), "documents": entry.get("documents"), "max_token_id": None,
                              "shards": [dict(entry, max_token_id=None)]}
     return manifest
 
@@ -246,7 +256,12 @@ class PreparedData:
     manifest: dict[str, Any]
 
     @classmethod
-    def open(cls, root: str | Path) -> "PreparedData":
+    def open(cls, root: str | Path, check: bool = True) -> "PreparedData":
+        """Read and check ``manifest.json`` (:mod:`~megareweight.data.manifest_check`): keys and paths
+        always; with ``check`` (every reader but ``verify``, which lists them all) the first value
+        that differs from what the tokenizer and index files give is a :class:`ShardError`."""
+        from megareweight.data import manifest_check
+
         root = Path(root)
         path = root / MANIFEST
         if not path.is_file():
@@ -259,7 +274,16 @@ class PreparedData:
         if fmt not in READABLE_FORMATS:
             raise ShardError(f"{path}: format {fmt!r}; this version reads formats "
                              f"{', '.join(map(str, READABLE_FORMATS))} (re-run `megareweight prepare`)")
-        return cls(root, _upgrade_v1(manifest) if fmt == 1 else manifest)
+        data = cls(root, _upgrade_v1(manifest) if fmt == 1 else manifest)
+        for problem in (manifest_check.structure_problem(data.manifest), manifest_check.path_problem(data)):
+            if problem is not None:
+                raise ShardError(f"{path}: {problem}")
+        if check:
+            problems = manifest_check.derived_problems(data)
+            if problems:
+                more = f" (and {len(problems) - 1} more; `megareweight verify {root}` lists all)" if len(problems) > 1 else ""
+                raise ShardError(f"{problems[0]}{more}")
+        return data
 
     @property
     def format(self) -> int:
@@ -343,15 +367,18 @@ def _scan_shard(shard: TokenShard, eos_id: Optional[int]) -> tuple[int, list[str
 def verify_prepared(root: str | Path, progress: bool = False) -> list[str]:
     """Full check of a prepared directory (every shard of every domain and split).
 
-    Structure, strictly increasing offsets, EOS after every document, token ids < vocab and equal
+    The manifest's keys, paths and derived values (:mod:`~megareweight.data.manifest_check`: the
+    tokenizer, vocabulary, counts), then per shard: structure, strictly increasing offsets, EOS after every document, token ids < vocab and equal
     to the manifest's largest id, SHA-256 of every file, and no shard file on disk that the
     manifest does not list (a leftover of an earlier preparation). Returns a list of problems
     (empty when everything is intact); each names the file.
     """
     from tqdm import tqdm
 
-    data = PreparedData.open(root)
-    problems: list[str] = []
+    from megareweight.data.manifest_check import derived_problems
+
+    data = PreparedData.open(root, check=False)
+    problems: list[str] = derived_problems(data)
     eos_id = data.manifest.get("eos_id")
     listed: set[Path] = set()
     items = [(d, s, e) for d in data.domains for s in SPLITS for e in data.manifest["domains"][d][s]["shards"]]
@@ -377,9 +404,4 @@ def verify_prepared(root: str | Path, progress: bool = False) -> list[str]:
         for path in sorted((data.root / split).rglob("*")) if (data.root / split).is_dir() else []:
             if path.suffix in (".bin", ".idx") and path not in listed:
                 problems.append(f"{path}: not listed in the manifest (left over from an earlier preparation?)")
-    tok = data.tokenizer_path
-    if not tok.is_file():
-        problems.append(f"{tok}: tokenizer file missing")
-    elif sha256_file(tok) != data.manifest["tokenizer"]["sha256"]:
-        problems.append(f"{tok}: SHA-256 differs from the manifest")
     return problems

@@ -332,7 +332,7 @@ def _train(cfg: ExperimentConfig, out: Path, factory: Callable[[ReweightedLM, Ex
                  "tokenizer_file": data.tokenizer_path.name,
                  "tokenizer_eos_token": data.manifest.get("tokenizer", {}).get("eos_token"),
                  "data_fingerprint": resume_policy.data_fingerprint(data.manifest, sampler.domains)}
-        extra = [(data.tokenizer_path.name, data.tokenizer_path)] if data.tokenizer_path.is_file() else []
+        extra = [(data.tokenizer_path.name, data.tokenizer_path)]  # present: PreparedData.open checked it
         path = ckpt.save_checkpoint(ckpt_root, step_done, state, engine.save, is_writer=is_main,
                                     all_ok=distributed.all_true, kind=kind, extra_files=extra)
         if is_main and kind == ckpt.REGULAR:
