@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import numpy as np
@@ -75,6 +76,40 @@ def test_parquet_and_zstd_errors_name_the_file(tmp_path):
     (tmp_path / "ok.jsonl.zst").write_bytes((tmp_path / "ok.jsonl.zst").read_bytes() + b'{"txt": 1}\n')
     with pytest.raises(CorpusError):
         list(iter_documents(tmp_path / "ok.jsonl.zst"))
+
+
+@pytest.mark.parametrize("name", ["d.jsonl.gz", "d.jsonl.xz", "d.jsonl.zst"])
+@pytest.mark.parametrize("keep", [0.5, 0.99])
+def test_a_truncated_compressed_file_is_an_error_naming_it(tmp_path, name, keep):
+    """A cut .zst read as fewer documents or none ("no document in the split") without a word."""
+    path = tmp_path / name
+    write_jsonl(path, [f"document {i} " * 20 for i in range(500)])
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(CorpusError, match=rf"^cannot read {re.escape(str(path))}: Compressed file ended before the "
+                                          "end-of-stream marker was reached$"):
+        list(iter_documents(path))
+
+
+def test_zstd_files_of_several_frames_are_read_whole(tmp_path):
+    import zstandard
+
+    path = tmp_path / "d.jsonl.zst"
+    write_jsonl(path, DOCS)
+    frames = path.read_bytes()
+    with open(path, "ab") as handle, zstandard.ZstdCompressor().stream_writer(handle, closefd=False) as writer:
+        writer.write(b'{"text": "streamed, no content size"}\n')
+    path.write_bytes(path.read_bytes() + frames)
+    assert list(iter_documents(path)) == DOCS + ["streamed, no content size"] + DOCS
+
+
+def test_a_lone_surrogate_names_file_and_line(tmp_path):
+    """json.loads accepts a lone \\ud800 escape; the tokenizer then failed naming neither file nor line."""
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": "bad \\ud800 here"}\n')
+    with pytest.raises(CorpusError, match=rf"^{re.escape(str(path))}:2: 'text' is not valid Unicode: a lone surrogate "
+                                          r"'\\ud800' at character 4"):
+        list(iter_documents(path))
 
 
 @pytest.mark.parametrize("package,name,pin", [("zstandard", "d.jsonl.zst", "zstandard>=0.22,<1"),

@@ -28,7 +28,7 @@ import json
 import lzma
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterator, Mapping, Optional, Sequence, Union
+from typing import IO, Any, Iterator, Mapping, Optional, Sequence, Union
 
 JSONL_SUFFIXES = (
     ".jsonl", ".jsonl.gz", ".jsonl.xz", ".jsonl.zst",
@@ -157,9 +157,47 @@ def _open_binary(path: Path) -> IO[bytes]:
             import zstandard
         except ImportError:
             raise _missing("zstandard", path, "zstandard>=0.22,<1") from None
-        raw = open(path, "rb")
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=True))
+        return io.BufferedReader(_ZstdReader(open(path, "rb"), zstandard.ZstdDecompressor()), buffer_size=1 << 20)
     return open(path, "rb")
+
+
+class _ZstdReader(io.RawIOBase):
+    """A ``.zst`` file decompressed frame after frame, that raises :class:`EOFError` when the file
+    ends inside a frame, with the words gzip and lzma use for a truncated file.
+
+    Why not ``ZstdDecompressor.stream_reader``: it returns what it could decode and stops, so a
+    truncated file read as fewer documents, or none ("no document in the split"), without a word.
+    """
+
+    def __init__(self, raw: IO[bytes], dctx: Any):
+        self._raw, self._dctx = raw, dctx
+        self._frame: Any = None  # the decompressor of the frame being read; None between frames
+        self._pending = b""  # input after the end of the last frame (the start of the next one)
+        self._out, self._pos = b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while self._pos >= len(self._out):
+            data, self._pending = (self._pending or self._raw.read(1 << 20)), b""
+            if not data:
+                if self._frame is not None:
+                    raise EOFError("Compressed file ended before the end-of-stream marker was reached")
+                return 0
+            if self._frame is None:
+                self._frame = self._dctx.decompressobj()
+            self._out, self._pos = self._frame.decompress(data), 0
+            if self._frame.eof:
+                self._pending, self._frame = self._frame.unused_data, None
+        n = min(len(buffer), len(self._out) - self._pos)
+        buffer[:n] = self._out[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
 
 
 def _jsonl_batches(path: Path, batch_bytes: int) -> Iterator[RawBatch]:
@@ -248,6 +286,12 @@ def decode_batch(batch: RawBatch) -> list[str]:
             where = f"{batch.path}: row {batch.first + offset}"
         if not isinstance(text, str):
             raise CorpusError(f"{where}: 'text' is {type(text).__name__}, expected a string")
+        if not text.isascii():  # a JSON escape like \ud800 without its pair: no tokenizer takes it
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise CorpusError(f"{where}: 'text' is not valid Unicode: a lone surrogate {text[exc.start]!r} at "
+                                  f"character {exc.start} (a \\uD800-\\uDFFF escape without its pair)") from None
         texts.append(text)
     return texts
 
