@@ -129,6 +129,8 @@ class LossConfig:
     impl: LossImpl = "auto"
     mode: LossMode = "auto"  # fast: 6NDV, stores the N x V gradient; lean: 8NDV, O(chunk x V); auto: fast if it fits
     chunk_size: int = 0  # tokens per logit block; 0: from V and the device
+    z_loss: float = 0.0  # PaLM/OLMo z-loss coefficient: z_loss * lse^2 per token (1e-4 is usual; 0: off)
+    fast_memory_gb: float = 0.0  # mode auto: fast when its stored gradient fits this; 0: 10 % of the GPU (1 GiB on CPU)
 
 
 @dataclass
@@ -349,6 +351,8 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         _require(rw.domain_weights is None, "reweight.domain_weights",
                  f"only used with reweight.strategy: domain (it is {rw.strategy!r})")
     _require(cfg.loss.chunk_size >= 0, "loss.chunk_size", f"must be >= 0 (0: automatic), got {cfg.loss.chunk_size}")
+    _require(cfg.loss.z_loss >= 0, "loss.z_loss", f"must be >= 0 (0 disables it), got {cfg.loss.z_loss}")
+    _require(cfg.loss.fast_memory_gb >= 0, "loss.fast_memory_gb", f"must be >= 0 (0: the default budget), got {cfg.loss.fast_memory_gb}")
     _require(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
     _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
     _require(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")

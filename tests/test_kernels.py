@@ -64,6 +64,8 @@ def run(fn: Callable, hidden, weight, labels, dtype, grad_scale=1.0, grads=(True
     out = fn(h, w, labels, **kw)
     (out.loss * grad_scale).backward()
     res = {"loss": out.loss.detach().float(), "per_sample": out.per_sample_loss.float(), "weights": out.weights.float()}
+    if out.z_loss is not None:
+        res["z_loss"] = out.z_loss.float()
     if grads[0]:
         res["dh"] = h.grad.float()
     if grads[1]:
@@ -131,6 +133,83 @@ def test_domain_prior_matches_reference(epilogue, mode, dtype):
                   sample_log_prior=prior)
     expected = torch.tensor([3.0, 0.0, 0.5, 2.0]) / 5.5  # row 1 has no valid token
     assert torch.allclose(got["weights"], expected, atol=1e-6)
+
+
+def z_loss_float64(hidden, weight, labels, z_loss, r=0.4, ignore_index=-100):
+    """An independent float64 statement of the z-loss objective: weights from the CE alone
+    (LinUpper, delta 1), loss = sum_i w_i (CE_i + z_loss * mean_t lse_t^2) over rows."""
+    h = hidden.double().requires_grad_(True)
+    w = weight.double().requires_grad_(True)
+    logits = h.reshape(-1, h.shape[-1]) @ w.t()
+    lse = torch.logsumexp(logits, dim=1)
+    flat = labels.reshape(-1)
+    valid = flat != ignore_index
+    tgt = logits.gather(1, flat.clamp(min=0)[:, None]).squeeze(1)
+    b, t = labels.shape
+    ce_tok = torch.where(valid, lse - tgt, torch.zeros_like(lse)).reshape(b, t)
+    z_tok = torch.where(valid, z_loss * lse * lse, torch.zeros_like(lse)).reshape(b, t)
+    count = valid.reshape(b, t).sum(1)
+    ok = count > 0
+    ce = ce_tok.sum(1) / count.clamp(min=1)
+    zl = z_tok.sum(1) / count.clamp(min=1)
+    x = ce.detach()
+    lo, hi = x[ok].min(), x[ok].max()
+    xn = 2 * (x - (hi + lo) / 2) / torch.clamp(hi - lo, min=1e-6)
+    score = torch.where(ok, torch.clamp(xn + 1, max=1.0) / r, torch.full_like(xn, float("-inf")))
+    weights = torch.softmax(score, 0)
+    loss = (weights * torch.where(ok, ce + zl, torch.zeros_like(ce))).sum()
+    loss.backward()
+    return loss.detach(), h.grad, w.grad, torch.where(ok, zl.detach(), torch.full_like(zl, float("nan")))
+
+
+@pytest.mark.parametrize("impl", [pytest.param(("triton", m), marks=needs_triton, id=f"triton-{m}") for m in ("fast", "lean")]
+                         + [pytest.param(("torch", m), id=f"torch-{m}") for m in ("fast", "lean")]
+                         + [pytest.param(("reference", None), id="reference")])
+def test_z_loss_matches_an_independent_float64_gradient(impl):
+    """z_loss * lse^2 per token, weighted like the CE, weights from the CE alone: loss, per-sample
+    z-loss, dH and dW of every impl against a float64 autograd statement of the objective."""
+    hidden, weight, labels = make_batch(3, 5, 24, 37, seed=11)
+    hidden = hidden * 3  # larger logits: the z-loss term matters
+    ref_loss, ref_dh, ref_dw, ref_z = z_loss_float64(hidden, weight, labels, 0.05)
+    fn = reference_ce if impl[0] == "reference" else ours(*impl)
+    got = run(fn, hidden, weight, labels, torch.float32, strategy="linupper", r=0.4, z_loss=0.05)
+    torch.testing.assert_close(got["loss"].double(), ref_loss, rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(got["z_loss"].double(), ref_z, rtol=2e-5, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(got["dh"].double(), ref_dh, rtol=2e-4, atol=2e-6)
+    torch.testing.assert_close(got["dw"].double(), ref_dw, rtol=2e-4, atol=2e-6)
+    without = run(fn, hidden, weight, labels, torch.float32, strategy="linupper", r=0.4)
+    assert "z_loss" not in without and torch.equal(without["weights"], got["weights"])  # weights from the CE alone
+    assert float(got["loss"]) > float(without["loss"])
+
+
+@pytest.mark.parametrize("epilogue,mode", VARIANT_PARAMS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_z_loss_matches_reference(epilogue, mode, dtype):
+    hidden, weight, labels = make_batch(4, 5, 24, 37, seed=5)
+    compare(ours(epilogue, mode, 4), hidden * 2, weight, labels, dtype, strategy="quadratic", r=0.4, z_loss=1e-2)
+
+
+@pytest.mark.parametrize("impl", [pytest.param(("triton", m), marks=needs_triton, id=f"triton-{m}") for m in ("fast", "lean")]
+                         + [pytest.param(("torch", m), id=f"torch-{m}") for m in ("fast", "lean")]
+                         + [pytest.param(("reference", None), id="reference")])
+@pytest.mark.parametrize("bad", [37, 1000, -5], ids=["V", "far", "negative"])
+def test_labels_outside_the_vocabulary_fail(impl, bad):
+    """A label outside [0, V) that is not ignore_index fails like F.cross_entropy does, in every
+    impl (the fused ones used to mask the target to 0 and train on the LSE)."""
+    hidden, weight, labels = make_batch(2, 4, 8, 37, seed=1)
+    fn = reference_ce if impl[0] == "reference" else ours(*impl)
+    fn(hidden, weight, labels)  # ignore_index (-100) and in-range labels are fine
+    labels[0, 2] = bad
+    with pytest.raises(RuntimeError, match=r"labels: a label is outside \[0, 37\) and is not ignore_index=-100"):
+        fn(hidden, weight, labels)
+
+
+def test_z_loss_coefficient_is_validated():
+    hidden, weight, labels = make_batch(2, 3, 8, 11)
+    for fn in (reference_ce, ours("torch", "fast")):
+        for bad in (-1e-4, float("nan"), float("inf")):
+            with pytest.raises(ValueError, match="z_loss: must be a finite number >= 0"):
+                fn(hidden, weight, labels, z_loss=bad)
 
 
 def test_domain_strategy_without_prior_fails_before_compute():
@@ -299,15 +378,16 @@ def test_aot_problems_are_reported():
 
 def test_get_loss_impl():
     name, fn = kernels.get_loss_impl("auto", torch.device("cpu"), mode="lean", chunk_size=0)
-    assert name == "chunked" and fn.keywords == {"mode": "lean", "chunk_size": None, "epilogue": "torch"}
+    assert name == "chunked" and fn.keywords == {"mode": "lean", "chunk_size": None, "epilogue": "torch", "z_loss": 0.0}
     assert kernels.get_loss_impl("reference", "cpu")[1] is reference_ce
+    assert kernels.get_loss_impl("reference", "cpu", z_loss=1e-4)[1].keywords == {"z_loss": 1e-4}
     assert kernels.get_loss_impl("chunked", "cpu", chunk_size=64)[1].keywords["chunk_size"] == 64
     if kernels.triton_available():
         assert kernels.get_loss_impl("auto", torch.device("cuda"))[0] == "fused"
         assert kernels.get_loss_impl("fused", "cpu")[1].keywords["epilogue"] == "triton"
     with pytest.raises(ValueError, match="auto, fused, chunked, reference"):
         kernels.get_loss_impl("triton", "cpu")
-    assert kernels.LossOutput._fields == ("loss", "per_sample_loss", "weights")
+    assert kernels.LossOutput._fields == ("loss", "per_sample_loss", "weights", "z_loss")
 
 
 def test_trainer_passes_loss_mode_and_chunk_size(prepared_dir, tmp_path, monkeypatch):

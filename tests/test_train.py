@@ -190,6 +190,42 @@ def test_cli_train_and_verify(prepared_dir, tmp_path, capsys):
     assert "OK" in capsys.readouterr().out
 
 
+def test_z_loss_is_trained_and_logged_on_its_own(prepared_dir, tmp_path):
+    """loss.z_loss: the first step's cross-entropy is the same as without it (same init and
+    batch), ``loss`` stays the cross-entropy, and the z-loss is logged overall and per domain."""
+    base = tiny_config(prepared_dir, train={"max_steps": 3, "eval_interval": 0})
+    with_z = tiny_config(prepared_dir, train={"max_steps": 3, "eval_interval": 0}, loss={"impl": "chunked", "z_loss": 1e-3})
+    train(base, tmp_path / "base", progress=False)
+    train(with_z, tmp_path / "z", progress=False)
+    plain, z = _metrics(tmp_path / "base"), _metrics(tmp_path / "z")
+    assert z[0]["loss"] == plain[0]["loss"] and "z_loss" not in plain[0]
+    for row in z:
+        assert row["z_loss"] > 0 and all(row[f"z_loss/{d}"] > 0 for d in ("code", "numbers", "prose") if f"loss/{d}" in row)
+    assert z[-1]["loss"] != plain[-1]["loss"]  # the z-loss gradient changed the update
+
+
+def test_loss_mode_is_decided_once_and_kept_on_resume(prepared_dir, tmp_path):
+    """mode auto is resolved at the start from the budget (loss.fast_memory_gb), stored in the
+    checkpoints and the summary, and a resumed run keeps it even if the budget would now differ."""
+    run = tmp_path / "run"
+    tiny = 1e-9  # a budget of one byte: auto -> lean
+    cfg = tiny_config(prepared_dir, train={"max_steps": 4, "checkpoint_interval": 2, "eval_interval": 0},
+                      loss={"impl": "chunked", "fast_memory_gb": tiny})
+    train(cfg, run, progress=False)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["loss_plan"]["mode"] == "lean" and summary["loss_plan"]["chunk_size"] > 0
+    state = json.loads((run / "checkpoints" / "step_00000004" / "trainer_state.json").read_text())
+    assert state["loss_plan"] == summary["loss_plan"]
+    more = tiny_config(prepared_dir, train={"max_steps": 6, "checkpoint_interval": 2, "eval_interval": 0},
+                       loss={"impl": "chunked", "fast_memory_gb": tiny})
+    more.loss.fast_memory_gb = 0.0  # default budget (1 GiB on CPU) would choose fast
+    train(more, run, resume=True, progress=False)
+    assert json.loads((run / "summary.json").read_text())["loss_plan"]["mode"] == "lean"
+    fresh = tmp_path / "fresh"
+    train(more, fresh, progress=False)
+    assert json.loads((fresh / "summary.json").read_text())["loss_plan"]["mode"] == "fast"
+
+
 def test_a_validation_split_shorter_than_a_window_is_refused_before_the_run_starts(prepared_dir, tmp_path, capsys):
     """Its loss would be NaN in eval.jsonl and summary.json (and the averages), read as a result."""
     from megareweight.data.shards import PreparedData

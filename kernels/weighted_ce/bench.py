@@ -7,8 +7,10 @@ Peers, all computing the same reweighted loss (strategy linupper, r=1): ``eager`
 ``liger`` (Liger-Kernel fused linear CE with ``reduction="none"``, >= 0.8.2, then the per-sample
 mean and the Sow et al. weighting in PyTorch), ``cce`` (Cut Cross-Entropy with
 ``reduction="none"``, same weighting; ``impl="torch_compile"`` on CPU, where its Triton path does
-not run) and ours: ``fused_fast``/``fused_lean`` (Triton epilogue) and ``chunked_fast``/
-``chunked_lean`` (PyTorch epilogue).
+not run), ``torch_core`` (PyTorch's own ``F.linear_cross_entropy``, torch >= 2.13, chunked with
+``LinearCrossEntropyOptions()``, ``reduction="none"``, same weighting) and ours:
+``fused_fast``/``fused_lean`` (Triton epilogue) and ``chunked_fast``/``chunked_lean`` (PyTorch
+epilogue). Inputs are built once per shape, on the device, and shared by every implementation.
 
 Before anything is timed each implementation's loss, dH and dW are compared with the reference:
 relative error ``||x - ref32|| / ||ref32||`` against the fp32 reference on the same (rounded)
@@ -44,28 +46,20 @@ if not torch.cuda.is_available():
     # Must happen before anything imports triton (Liger does at import time).
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from megareweight.hardware import lookup_peak_tflops  # noqa: E402
 from megareweight.kernels.weighted_ce.function import auto_chunk_size, fused_linear_weighted_ce  # noqa: E402
 from megareweight.kernels.weighted_ce.reference import linear_weighted_ce as reference_ce, per_sample_ce  # noqa: E402
 from megareweight.reweighting import weighted_loss  # noqa: E402
 
-#: Dense bf16 tensor-core peaks (TFLOP/s, without sparsity), matched by substring of the name.
-PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
 GPU_SHAPES = [(n, d, v) for n in (4096, 16384) for d in (2048, 4096) for v in (32000, 128256)]
 TARGET_SHAPE = (16384, 4096, 128256)
 CPU_SHAPES = [(256, 64, 512)]
 STRATEGY, R = "linupper", 1.0
 VERIFY_FACTOR = 4.0
 GPU_VERIFY_TOKENS = 8192
-FIELDS = ["impl", "N", "D", "V", "dtype", "mode", "status", "ms", "ms_min", "peak_mem_mib", "workspace_mib",
+FIELDS = ["impl", "N", "D", "V", "dtype", "mode", "status", "ms", "ms_min", "peak_mem_mib", "workspace_mib", "peak_rss_mib",
           "tflops_6ndv", "tflops_8ndv", "frac_peak_6ndv", "frac_peak_8ndv", "loss",
           "err_loss", "err_dh", "err_dw", "bound_loss", "bound_dh", "bound_dw"]
-
-
-def device_peak(name: str) -> Optional[float]:
-    for key, peak in PEAK_BF16_TFLOPS.items():  # "H100 PCIe" is checked before "H100"
-        if key in name:
-            return peak
-    return None
 
 
 def _weighting(token_losses: torch.Tensor, labels: torch.Tensor, strategy: str, r: float) -> torch.Tensor:
@@ -94,12 +88,27 @@ def _cce(hidden, weight, labels, strategy, r):
     return _weighting(tok, labels, strategy, r)
 
 
+def _torch_core(hidden, weight, labels, strategy, r):
+    import torch.nn.functional as F
+
+    tok = F.linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), ignore_index=-100,
+                                 reduction="none", options=torch.nn.LinearCrossEntropyOptions())
+    return _weighting(tok, labels, strategy, r)
+
+
 def implementations(quick: bool, on_cuda: bool) -> dict[str, Callable | str]:
     """name -> fn(hidden, weight, labels, strategy, r) returning the loss, or a skip reason."""
     impls: dict[str, Callable | str] = {"eager": lambda h, w, y, s, r: reference_ce(h, w, y, strategy=s, r=r).loss}
-    slow_on_cpu = "skipped: --quick on CPU (compilation takes tens of seconds)"
-    if quick and not on_cuda:
-        impls["compile"] = impls["cce"] = slow_on_cpu
+    if hasattr(torch.nn.functional, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        impls["torch_core"] = _torch_core
+    else:
+        impls["torch_core"] = f"skipped: torch {torch.__version__} has no F.linear_cross_entropy (2.13+)"
+    if quick and on_cuda:
+        # A short GPU window: torch.compile recompiles for the verification slice and the timed
+        # shape (minutes at V=128256); the full run keeps it.
+        impls["compile"] = "skipped: --quick (compiles twice, minutes); run without --quick"
+    elif quick:
+        impls["compile"] = impls["cce"] = "skipped: --quick on CPU (compilation takes tens of seconds)"
     else:
         if not on_cuda:
             # torch 2.13's Inductor CPU vectoriser asserts on index_add (scatter atomic_add) into
@@ -198,8 +207,11 @@ def verify(fn, hidden, weight, labels, refs) -> dict:
     return row
 
 
-def bench_shape(name, fn, n, d, v, dtype, device, warmup, iters, peak_tflops, refs, verify_tokens) -> list[dict]:
-    hidden, weight, labels = make_inputs(n, d, v, dtype, device)
+def bench_shape(name, fn, inputs, dtype, device, warmup, iters, peak_tflops, refs, verify_tokens) -> list[dict]:
+    """Verify ``fn`` on the first ``verify_tokens`` tokens, then time it on the whole ``inputs``
+    (built once per shape and shared: at the target shape they are 2 GB of bf16)."""
+    hidden, weight, labels = inputs
+    n, d, v = hidden.shape[0] * hidden.shape[1], hidden.shape[2], weight.shape[0]
     base = {"impl": name, "N": n, "D": d, "V": v, "dtype": str(dtype).replace("torch.", "")}
     try:
         b = max(1, verify_tokens // labels.shape[1])
@@ -247,12 +259,14 @@ def bench_shape(name, fn, n, d, v, dtype, device, warmup, iters, peak_tflops, re
         if device.type == "cuda":
             torch.cuda.empty_cache()
         rows.append(row)
+    hidden.requires_grad_(False)
+    weight.requires_grad_(False)
     return rows
 
 
-def references(n, d, v, dtype, device, verify_tokens):
+def references(inputs, dtype, verify_tokens):
     """(fp32 reference, same-dtype reference) gradients on the verification slice."""
-    hidden, weight, labels = make_inputs(n, d, v, dtype, device)
+    hidden, weight, labels = inputs
     b = max(1, verify_tokens // labels.shape[1])
     hidden, labels = hidden[:b], labels[:b]
     ref = lambda h, w, y, s, r: reference_ce(h, w, y, strategy=s, r=r).loss  # noqa: E731
@@ -290,20 +304,50 @@ def parse_shapes(text: str) -> list[tuple[int, int, int]]:
     return shapes
 
 
-def run(out_dir: Path, quick: bool, argv: list[str], shapes: Optional[list[tuple[int, int, int]]] = None) -> dict:
-    """Verify and time every implementation, write bench.json and bench.csv; restores torch's threads."""
+def run(out_dir: Path, quick: bool, argv: list[str], shapes: Optional[list[tuple[int, int, int]]] = None,
+        cpu_memory: bool = False, only: Optional[list[str]] = None) -> dict:
+    """Verify and time every implementation (or those in ``only``), write bench.json and
+    bench.csv; restores torch's threads."""
     threads = torch.get_num_threads()
     try:
-        return _run(out_dir, quick, argv, shapes)
+        return _run(out_dir, quick, argv, shapes, cpu_memory, only)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(out_dir: Path, quick: bool, argv: list[str], shapes) -> dict:
+def peak_rss_mib(name: str, n: int, d: int, v: int, dtype: torch.dtype) -> Optional[float]:
+    """CPU peak memory of one forward+backward of ``name``: a fresh process builds the inputs,
+    then runs it once; the growth of its resident-set high-water mark (``ru_maxrss``) is the
+    peak above the inputs (the CPU allocator keeps no statistics of its own)."""
+    probe = subprocess.run([sys.executable, "-m", "megareweight.kernels.weighted_ce.bench", "--rss-probe",
+                            f"{name},{n},{d},{v},{str(dtype).replace('torch.', '')}"],
+                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=1800)
+    try:
+        return round(float(probe.stdout.strip().splitlines()[-1]), 1)
+    except (IndexError, ValueError):
+        return None
+
+
+def _rss_probe(spec: str) -> None:
+    import resource
+
+    name, n, d, v, dtype = spec.split(",")
+    torch.set_num_threads(1)
+    fn = implementations(quick=True, on_cuda=False)[name]
+    hidden, weight, labels = make_inputs(int(n), int(d), int(v), getattr(torch, dtype), torch.device("cpu"))
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fn(hidden, weight, labels, STRATEGY, R).backward()
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+
+
+def _run(out_dir: Path, quick: bool, argv: list[str], shapes, cpu_memory: bool = False,
+         only: Optional[list[str]] = None) -> dict:
     on_cuda = torch.cuda.is_available()
     device = torch.device("cuda" if on_cuda else "cpu")
     device_name = torch.cuda.get_device_name(device) if on_cuda else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    peak = device_peak(device_name) if on_cuda else None
+    peak = lookup_peak_tflops(device_name) if on_cuda else None
     if on_cuda:
         shapes = shapes or ([TARGET_SHAPE] if quick else GPU_SHAPES)
         dtype, verify_tokens = torch.bfloat16, GPU_VERIFY_TOKENS
@@ -316,17 +360,26 @@ def _run(out_dir: Path, quick: bool, argv: list[str], shapes) -> dict:
         verify_tokens = max(n for n, _, _ in shapes)
         warmup, iters = (1, 1) if quick else (2, 5)
     impls = implementations(quick, on_cuda)
+    if only:
+        unknown = sorted(set(only) - set(impls))
+        if unknown:
+            raise ValueError(f"--impls: unknown {', '.join(unknown)}; allowed: {', '.join(impls)}")
+        impls = {k: v for k, v in impls.items() if k in only}
     rows = []
     for n, d, v in shapes:
-        refs = references(n, d, v, dtype, device, verify_tokens)
+        inputs = make_inputs(n, d, v, dtype, device)
+        refs = references(inputs, dtype, verify_tokens)
         for name, fn in impls.items():
             if isinstance(fn, str):
                 rows.extend({"impl": name, "N": n, "D": d, "V": v, "dtype": str(dtype).replace("torch.", ""),
                              "mode": mode, "status": fn} for mode in ("fwd", "fwd+bwd"))
                 continue
-            rows.extend(bench_shape(name, fn, n, d, v, dtype, device, warmup, iters, peak, refs, verify_tokens))
+            shape_rows = bench_shape(name, fn, inputs, dtype, device, warmup, iters, peak, refs, verify_tokens)
+            if cpu_memory and not on_cuda and shape_rows[-1]["status"] == "ok":
+                shape_rows[-1]["peak_rss_mib"] = peak_rss_mib(name, n, d, v, dtype)
+            rows.extend(shape_rows)
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-        del refs
+        del refs, inputs
     result = {
         "meta": {
             "command": "python -m megareweight.kernels.bench " + " ".join(shlex.quote(a) for a in argv),
@@ -348,7 +401,9 @@ def _run(out_dir: Path, quick: bool, argv: list[str], shapes) -> dict:
             "iters": iters,
             "timing": "ms = median, ms_min = minimum over iters; TFLOP/s and fractions of peak from the median",
             "flops_convention": "fwd 2*N*D*V; fwd+bwd 6*N*D*V (tflops_6ndv) and 8*N*D*V (tflops_8ndv, counts lean's recompute)",
-            "memory": "peak_mem_mib: peak allocated above the inputs; workspace_mib: that minus the dH and dW returned",
+            "memory": ("peak_mem_mib: peak allocated above the inputs; workspace_mib: that minus the dH and dW returned "
+                       "(CUDA); peak_rss_mib (CPU, --cpu-memory): growth of a fresh process's peak resident set over "
+                       "one forward+backward, gradients included"),
             "verification": (f"loss, dH, dW on the first {verify_tokens} tokens vs the fp32 reference: "
                              f"rel err <= {VERIFY_FACTOR} x rel err of the reference in the bench dtype + 1e-5; "
                              "failed rows are not timed"),
@@ -380,14 +435,29 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--out", default=default, help=f"output directory (default {default})")
     parser.add_argument("--quick", action="store_true", help="one shape (the target on GPU), few iterations, no compilers on CPU")
     parser.add_argument("--shapes", help="comma-separated NxDxV list, e.g. 16384x4096x128256")
+    parser.add_argument("--cpu-memory", action="store_true",
+                        help="CPU: also measure each implementation's peak memory in a fresh process (slower)")
+    parser.add_argument("--impls", help="comma-separated subset of the implementations (default: all)")
+    parser.add_argument("--rss-probe", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.rss_probe:
+        _rss_probe(args.rss_probe)
+        return {}
     try:
         shapes = parse_shapes(args.shapes) if args.shapes else None
     except ValueError as exc:
         parser.error(str(exc))
-    result = run(Path(args.out), args.quick, argv, shapes)
+    try:
+        result = run(Path(args.out), args.quick, argv, shapes, args.cpu_memory,
+                     args.impls.split(",") if args.impls else None)
+    except ValueError as exc:
+        parser.error(str(exc))
     for row in result["results"]:
         print(f"{row['impl']:14s} N={row['N']:<6d} D={row['D']:<5d} V={row['V']:<7d} {row['mode']:8s} "
               f"{row['status'][:40]:8s} ms={row.get('ms')} TFLOP/s(6NDV)={row.get('tflops_6ndv')} "
               f"workspaceMiB={row.get('workspace_mib')}")
     return result
+
+
+if __name__ == "__main__":
+    main()

@@ -53,14 +53,15 @@ class EpilogueOps(Protocol):
     name: str
 
     def lse_target(self, z: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, target: torch.Tensor,
-                   write_grad: bool) -> None:
+                   write_grad: bool, z_scale: float = 0.0) -> None:
         """Fill ``lse``/``target`` [rows] (fp32) from the logit block ``z`` [rows, V]; with
-        ``write_grad`` overwrite ``z`` with the unscaled gradient ``softmax(z) - onehot``."""
+        ``write_grad`` overwrite ``z`` with the unscaled gradient ``a * softmax(z) - onehot``,
+        ``a = 1 + z_scale * lse`` (the z-loss term; ``a = 1`` exactly when ``z_scale`` is 0)."""
 
     def grad_(self, z: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, scale: torch.Tensor,
-              col_offset: int) -> None:
-        """``z <- (exp(z - lse) - onehot(labels - col_offset)) * scale`` in place; rows whose
-        scale is 0 become exactly 0."""
+              col_offset: int, z_scale: float = 0.0) -> None:
+        """``z <- (a * exp(z - lse) - onehot(labels - col_offset)) * scale`` in place, ``a`` as
+        above; rows whose scale is 0 become exactly 0."""
 
     def segment_sums(self, values: torch.Tensor, valid: torch.Tensor, layout: SampleLayout) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample sums of ``values`` and of ``valid`` (both fp32 [N]) in a fixed order."""
@@ -71,7 +72,7 @@ class TorchEpilogue:
 
     name = "torch"
 
-    def lse_target(self, z, labels, lse, target, write_grad):
+    def lse_target(self, z, labels, lse, target, write_grad, z_scale=0.0):
         zf = z.float()
         v = z.shape[1]
         lse.copy_(torch.logsumexp(zf, dim=1))
@@ -80,14 +81,18 @@ class TorchEpilogue:
         target.copy_(torch.where(in_range, zf.gather(1, safe).squeeze(1), torch.zeros_like(lse)))
         if write_grad:
             g = torch.exp(zf - lse[:, None])
+            if z_scale:
+                g.mul_((1.0 + z_scale * lse)[:, None])
             g.scatter_add_(1, safe, -in_range.to(g.dtype)[:, None])
             z.copy_(g)
 
-    def grad_(self, z, labels, lse, scale, col_offset):
+    def grad_(self, z, labels, lse, scale, col_offset, z_scale=0.0):
         v = z.shape[1]
         col = labels - col_offset
         hit = (col >= 0) & (col < v)
         g = torch.exp(z.float() - lse[:, None])
+        if z_scale:
+            g.mul_((1.0 + z_scale * lse)[:, None])
         g.scatter_add_(1, col.clamp(0, v - 1)[:, None], -hit.to(g.dtype)[:, None])
         g.mul_(scale[:, None]).masked_fill_((scale == 0)[:, None], 0.0)
         z.copy_(g)
@@ -116,11 +121,11 @@ class TritonEpilogue:
             )
         self._k = triton_kernels
 
-    def lse_target(self, z, labels, lse, target, write_grad):
-        self._k.lse_target_launch(z, labels, lse, target, write_grad)()
+    def lse_target(self, z, labels, lse, target, write_grad, z_scale=0.0):
+        self._k.lse_target_launch(z, labels, lse, target, write_grad, z_scale)()
 
-    def grad_(self, z, labels, lse, scale, col_offset):
-        self._k.grad_launch(z, labels, lse, scale, int(col_offset))()
+    def grad_(self, z, labels, lse, scale, col_offset, z_scale=0.0):
+        self._k.grad_launch(z, labels, lse, scale, int(col_offset), z_scale)()
 
     def segment_sums(self, values, valid, layout):
         sums = torch.empty(layout.num_samples, dtype=torch.float32, device=values.device)

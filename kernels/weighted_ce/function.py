@@ -48,7 +48,14 @@ import torch
 import torch.distributed as dist
 
 from megareweight.kernels.weighted_ce.epilogue import EpilogueOps, SampleLayout, TorchEpilogue, TritonEpilogue, sample_layout
-from megareweight.kernels.weighted_ce.reference import LossOutput, check_strategy, reweight_from_sums, samples_per_call
+from megareweight.kernels.weighted_ce.reference import (
+    LossOutput,
+    check_labels,
+    check_strategy,
+    check_z_loss,
+    reweight_from_sums,
+    samples_per_call,
+)
 
 MODES = ("auto", "fast", "lean")
 EPILOGUES = ("auto", "triton", "torch")
@@ -84,6 +91,7 @@ class Reweighting(NamedTuple):
     ignore_index: int
     group: Optional[dist.ProcessGroup]
     log_prior: Optional[torch.Tensor] = None  # [S] per-sample log weights (the ``domain`` strategy)
+    z_loss: float = 0.0  # coefficient of the z-loss ``z_loss * lse^2`` per token
 
 
 def _round_down(x: int, multiple: int) -> int:
@@ -117,19 +125,34 @@ def stored_bytes(n: int, v: int, d: int, dtype: torch.dtype, need_h: bool, need_
     return (n * v * itemsize if need_w else 0) + (n * d * 4 if need_h else 0)
 
 
-def resolve_mode(mode: str, stored: int, device: torch.device) -> str:
-    """``auto`` -> fast when the stored gradient fits the budget, else lean.
+def fast_budget(device: torch.device) -> int:
+    """Default bytes fast mode may keep: ``FAST_MAX_TOTAL_FRACTION`` of the GPU's total memory,
+    ``CPU_FAST_MAX_BYTES`` on CPU."""
+    if device.type == "cuda":
+        return int(FAST_MAX_TOTAL_FRACTION * torch.cuda.get_device_properties(device).total_memory)
+    return CPU_FAST_MAX_BYTES
 
-    The budget depends on the device's size, not on the allocator's state, so the choice is the
-    same every step; the free-memory test only steps in near an out-of-memory condition.
+
+def resolve_mode(mode: str, stored: int, device: torch.device, budget: Optional[int] = None) -> str:
+    """``auto`` -> fast when the stored gradient fits ``budget`` (default :func:`fast_budget`), else lean.
+
+    The budget depends on the device's size (or the configured ``loss.fast_memory_gb``), never on
+    the allocator's state: free memory changes from step to step, and a mode that followed it
+    would change the numerics and the memory of a run mid-way.
     """
     if mode != "auto":
         return mode
-    if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-        free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        return "fast" if stored <= FAST_MAX_TOTAL_FRACTION * total and stored <= free // 2 else "lean"
-    return "fast" if stored <= CPU_FAST_MAX_BYTES else "lean"
+    return "fast" if stored <= (fast_budget(device) if budget is None else budget) else "lean"
+
+
+def plan_for_run(tokens: int, d: int, v: int, dtype: torch.dtype, device: torch.device, mode: str = "auto",
+                 chunk_size: Optional[int] = None, budget: Optional[int] = None) -> tuple[str, int]:
+    """The (mode, chunk size) a training run uses for every call, decided once at its start from
+    the per-call shape (``tokens`` = micro-batch x sequence length) and the memory budget; the
+    trainer logs it and stores it in its checkpoints, so a resumed run keeps it."""
+    check_options(mode, chunk_size)
+    stored = stored_bytes(tokens, v, d, dtype, need_h=True, need_w=True)
+    return resolve_mode(mode, stored, device, budget), chunk_size or auto_chunk_size(v, dtype, device)
 
 
 def _spans(n: int, step: int):
@@ -175,28 +198,33 @@ class LinearWeightedCE(torch.autograd.Function):
         g_all = torch.empty((n, v), dtype=h.dtype, device=h.device) if fast and need_w else None
         u = torch.empty((n, d), dtype=torch.float32, device=h.device) if fast and need_h else None
         work = None if g_all is not None else torch.empty(min(plan.chunk, n) * v, dtype=h.dtype, device=h.device)
+        z_scale = 2.0 * rw.z_loss  # d(z_loss * lse^2)/dz = 2 z_loss lse softmax: a per-row softmax factor
         for s, e in _spans(n, plan.chunk):
             z = g_all[s:e] if g_all is not None else work[: (e - s) * v].view(e - s, v)
             torch.matmul(h[s:e], w.t(), out=z)
-            ep.lse_target(z, labels[s:e], lse[s:e], target[s:e], write_grad=fast)
+            ep.lse_target(z, labels[s:e], lse[s:e], target[s:e], write_grad=fast, z_scale=z_scale)
             if u is not None:
                 _mm_f32(z, w, out=u[s:e])
         del work
         valid = labels != rw.ignore_index
         token_loss = torch.where(valid, lse - target, torch.zeros_like(lse))
         sums, counts = ep.segment_sums(token_loss, valid.float(), layout)
-        out = reweight_from_sums(sums, counts, rw.strategy, rw.r, rw.delta, rw.group, rw.log_prior)
+        z_sums = None
+        if rw.z_loss:
+            z_sums, _ = ep.segment_sums(torch.where(valid, rw.z_loss * lse * lse, torch.zeros_like(lse)), valid.float(), layout)
+        out = reweight_from_sums(sums, counts, rw.strategy, rw.r, rw.delta, rw.group, rw.log_prior, z_sums)
         coef = torch.where(valid, out.coef[layout.index], torch.zeros_like(lse))
-        ctx.fast, ctx.plan, ctx.dtype = fast, plan, h.dtype
+        ctx.fast, ctx.plan, ctx.dtype, ctx.z_scale = fast, plan, h.dtype, z_scale
         if fast:
             ctx.save_for_backward(h if need_w else None, g_all, u, coef)
         else:
             ctx.save_for_backward(h, w, labels, lse, coef)
-        ctx.mark_non_differentiable(out.per_sample_loss, out.weights)
-        return out.loss, out.per_sample_loss, out.weights
+        z_out = out.z_loss if out.z_loss is not None else torch.empty(0, device=h.device)
+        ctx.mark_non_differentiable(out.per_sample_loss, out.weights, z_out)
+        return out.loss, out.per_sample_loss, out.weights, z_out
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_per_sample, _grad_weights):
+    def backward(ctx, grad_loss, _grad_per_sample, _grad_weights, _grad_z):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if ctx.fast:
             h, g_all, u, coef = ctx.saved_tensors
@@ -205,11 +233,11 @@ class LinearWeightedCE(torch.autograd.Function):
             dw = g_all.t() @ (h * scale).to(ctx.dtype) if need_w else None
             return dh, dw, None, None, None, None
         h, w, labels, lse, coef = ctx.saved_tensors
-        dh, dw = lean_backward(h, w, labels, lse, coef * grad_loss.float(), ctx.plan, need_h, need_w)
+        dh, dw = lean_backward(h, w, labels, lse, coef * grad_loss.float(), ctx.plan, need_h, need_w, ctx.z_scale)
         return dh, dw, None, None, None, None
 
 
-def lean_backward(h, w, labels, lse, scale, plan: Plan, need_h: bool, need_w: bool):
+def lean_backward(h, w, labels, lse, scale, plan: Plan, need_h: bool, need_w: bool, z_scale: float = 0.0):
     """dH, dW of ``sum_t scale_t * CE_t`` by recomputing logit blocks (see the module doc).
 
     Each block ``z`` is [chunk, V] (token blocks) or [N, chunk*V/N] (vocabulary blocks); the
@@ -234,7 +262,7 @@ def lean_backward(h, w, labels, lse, scale, plan: Plan, need_h: bool, need_w: bo
         shape = (rows.stop - rows.start, cols.stop - cols.start)
         z = work[: shape[0] * shape[1]].view(shape)
         torch.matmul(h[rows], w[cols].t(), out=z)
-        plan.epilogue.grad_(z, labels[rows], lse[rows], scale[rows], cols.start)
+        plan.epilogue.grad_(z, labels[rows], lse[rows], scale[rows], cols.start, z_scale)
         if dh is not None:
             torch.matmul(z, w, out=dh[rows])
         if dh32 is not None:
@@ -301,6 +329,7 @@ def fused_linear_weighted_ce(
     segment_ids: Optional[torch.Tensor] = None,
     num_segments: Optional[int] = None,
     sample_log_prior: Optional[torch.Tensor] = None,
+    z_loss: float = 0.0,
     mode: str = "auto",
     chunk_size: Optional[int] = None,
     epilogue: str = "auto",
@@ -320,6 +349,7 @@ def fused_linear_weighted_ce(
     b, t, d = hidden.shape
     check_strategy(strategy, sample_log_prior, samples_per_call(b, segment_ids, num_segments))
     check_options(mode, chunk_size, epilogue)
+    z_loss = check_z_loss(z_loss)
     if weight.dim() != 2 or weight.shape[1] != d:
         raise ValueError(f"weight: expected [V, {d}] to match hidden [B, T, {d}], got {tuple(weight.shape)}")
     if tuple(labels.shape) != (b, t):
@@ -338,8 +368,10 @@ def fused_linear_weighted_ce(
         chunk_size or auto_chunk_size(v, dtype, device),
         _epilogue(epilogue, device),
     )
+    check_labels(labels, v, ignore_index)
     layout = sample_layout(labels, segment_ids, num_segments)
-    rw = Reweighting(strategy, float(r), float(delta), int(ignore_index), group, sample_log_prior)
+    rw = Reweighting(strategy, float(r), float(delta), int(ignore_index), group, sample_log_prior, z_loss)
     with torch.autocast(device.type, enabled=False):
-        loss, per_sample, weights = LinearWeightedCE.apply(h2d, w, labels.reshape(-1).long().contiguous(), layout, rw, plan)
-    return LossOutput(loss, per_sample, weights)
+        loss, per_sample, weights, z_out = LinearWeightedCE.apply(h2d, w, labels.reshape(-1).long().contiguous(), layout,
+                                                                  rw, plan)
+    return LossOutput(loss, per_sample, weights, z_out if z_loss else None)

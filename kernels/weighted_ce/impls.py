@@ -32,10 +32,11 @@ def triton_available() -> bool:
 
 
 def get_loss_impl(
-    name: str, device: torch.device | str, mode: str = "auto", chunk_size: Optional[int] = None
+    name: str, device: torch.device | str, mode: str = "auto", chunk_size: Optional[int] = None,
+    z_loss: float = 0.0,
 ) -> tuple[str, Callable[..., LossOutput]]:
-    """Resolve ``loss.impl`` (+ ``loss.mode``, ``loss.chunk_size``; 0 or None = auto) to
-    (concrete name, loss function with the trainer's call signature)."""
+    """Resolve ``loss.impl`` (+ ``loss.mode``, ``loss.chunk_size``; 0 or None = auto;
+    ``loss.z_loss``) to (concrete name, loss function with the trainer's call signature)."""
     if name not in LOSS_IMPLS:
         raise ValueError(f"loss.impl: unknown {name!r}; allowed: {', '.join(LOSS_IMPLS)}")
     chunk_size = chunk_size or None
@@ -49,9 +50,10 @@ def get_loss_impl(
     if name == "reference":
         from megareweight.kernels.weighted_ce.reference import linear_weighted_ce
 
-        return name, linear_weighted_ce
+        return name, (functools.partial(linear_weighted_ce, z_loss=z_loss) if z_loss else linear_weighted_ce)
     if name == "fused" and not triton_available():
         raise RuntimeError("loss.impl=fused needs the triton package; use 'chunked' or 'reference'")
     epilogue = "triton" if name == "fused" else "torch"
-    return name, functools.partial(fused_linear_weighted_ce, mode=mode, chunk_size=chunk_size, epilogue=epilogue)
+    return name, functools.partial(fused_linear_weighted_ce, mode=mode, chunk_size=chunk_size, epilogue=epilogue,
+                                   z_loss=z_loss)
 

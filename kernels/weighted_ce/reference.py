@@ -25,11 +25,36 @@ from megareweight.reweighting.weights import _gather, check_prior, gather_prior
 class LossOutput(NamedTuple):
     """``loss``: scalar to back-propagate (already scaled by world size);
     ``per_sample_loss``: [S] this rank's detached per-sample mean CE, NaN where a sample has no
-    valid token; ``weights``: [S * world_size] detached weights over the global batch."""
+    valid token; ``weights``: [S * world_size] detached weights over the global batch;
+    ``z_loss``: [S] this rank's detached per-sample mean z-loss ``z_loss * lse^2`` (NaN where a
+    sample has no valid token), None when the z-loss coefficient is 0."""
 
     loss: torch.Tensor
     per_sample_loss: torch.Tensor
     weights: torch.Tensor
+    z_loss: Optional[torch.Tensor] = None
+
+
+def check_labels(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """Labels outside [0, V) other than ``ignore_index`` fail, as in ``F.cross_entropy``.
+
+    Without this a fused loss would mask the target logit to 0 and train on the token's LSE
+    (finite, plausible, wrong). No host sync: an asynchronous device assert (on CUDA it fires
+    when the stream reaches it, like ``F.cross_entropy``'s own; on CPU it raises at once). The
+    trainer also checks token ids where the batch is read (the shard is named there).
+    """
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    torch._assert_async(torch.logical_not(bad.any()),
+                        f"labels: a label is outside [0, {vocab}) and is not ignore_index={ignore_index} "
+                        "(a corrupt shard, or data tokenized for another vocabulary)")
+
+
+def check_z_loss(z_loss: float) -> float:
+    """The z-loss coefficient: finite and >= 0 (0 disables it)."""
+    z = float(z_loss)
+    if not (z >= 0.0 and z < float("inf")):
+        raise ValueError(f"z_loss: must be a finite number >= 0 (0 disables it), got {z_loss!r}")
+    return z
 
 
 def check_strategy(strategy: str, sample_log_prior: Optional[torch.Tensor] = None, num_samples: Optional[int] = None) -> None:
@@ -91,6 +116,7 @@ class Epilogue(NamedTuple):
     per_sample_loss: torch.Tensor
     weights: torch.Tensor
     coef: torch.Tensor
+    z_loss: Optional[torch.Tensor] = None
 
 
 def reweight_from_sums(
@@ -101,6 +127,7 @@ def reweight_from_sums(
     delta: float,
     group: Optional[dist.ProcessGroup],
     log_prior: Optional[torch.Tensor] = None,
+    z_sums: Optional[torch.Tensor] = None,
 ) -> Epilogue:
     """Per-sample sums/counts -> all-gather -> global weights -> this rank's weighted loss.
 
@@ -120,10 +147,15 @@ def reweight_from_sums(
     s = losses.shape[0]
     local_w = weights[rank * s : (rank + 1) * s]
     safe = torch.where(local_valid, losses, torch.zeros_like(losses))
+    z_per_sample = None
+    if z_sums is not None:  # weighted like the CE, but not part of what the weights are computed from
+        z_mean = z_sums.float() / torch.clamp(counts, min=1.0)
+        safe = safe + torch.where(local_valid, z_mean, torch.zeros_like(z_mean))
+        z_per_sample = torch.where(has_tokens, z_mean, torch.full_like(z_mean, float("nan")))
     loss = (local_w * safe).sum() * world
     coef = torch.where(local_valid, local_w * world / torch.clamp(counts, min=1.0), torch.zeros_like(losses))
     per_sample = torch.where(has_tokens, losses, torch.full_like(losses, float("nan")))
-    return Epilogue(loss, per_sample, weights, coef)
+    return Epilogue(loss, per_sample, weights, coef, z_per_sample)
 
 
 def linear_weighted_ce(
@@ -139,22 +171,33 @@ def linear_weighted_ce(
     segment_ids: Optional[torch.Tensor] = None,
     num_segments: Optional[int] = None,
     sample_log_prior: Optional[torch.Tensor] = None,
+    z_loss: float = 0.0,
 ) -> LossOutput:
     """Logits = hidden @ weight.T in the inputs' dtype, CE in fp32, then the reweighted loss.
 
     Plain autograd through everything, so it is slow and memory-hungry ([N, V] logits plus their
     fp32 copy and gradient) but obviously right: the other paths are tested against it.
     ``sample_log_prior`` [S]: per-sample log weights (the ``domain`` strategy), see
-    :func:`megareweight.reweighting.compute_weights`.
+    :func:`megareweight.reweighting.compute_weights`. ``z_loss`` (PaLM's auxiliary loss,
+    ``z_loss * lse^2`` per token, 1e-4 in PaLM and OLMo): added to every token's loss before the
+    per-sample mean, so it is weighted like the CE; the weights themselves come from the CE alone.
     """
     b, t, d = hidden.shape
     check_strategy(strategy, sample_log_prior, samples_per_call(b, segment_ids, num_segments))
+    z_loss = check_z_loss(z_loss)
+    check_labels(labels, weight.shape[0], ignore_index)
     logits = (hidden.reshape(-1, d) @ weight.t()).float()
     flat = labels.reshape(-1)
     valid = flat != ignore_index
     token_losses = F.cross_entropy(logits, torch.where(valid, flat, torch.zeros_like(flat)), reduction="none")
     index, n = sample_index(labels, segment_ids, num_segments)
     losses, counts = per_sample_ce(token_losses, valid, index, n)
-    out = weighted_loss(losses, strategy, r, group=group, delta=delta, mask=counts > 0, log_prior=sample_log_prior)
-    per_sample = torch.where(counts > 0, losses.detach(), torch.full_like(losses, float("nan")))
-    return LossOutput(out.loss, per_sample, out.weights)
+    z_mean = None
+    if z_loss:
+        z_mean, _ = per_sample_ce(z_loss * torch.logsumexp(logits, dim=1).square(), valid, index, n)
+    out = weighted_loss(losses, strategy, r, group=group, delta=delta, mask=counts > 0, log_prior=sample_log_prior,
+                        extra=z_mean)
+    empty = torch.full_like(losses, float("nan"))
+    per_sample = torch.where(counts > 0, losses.detach(), empty)
+    z_out = None if z_mean is None else torch.where(counts > 0, z_mean.detach(), empty)
+    return LossOutput(out.loss, per_sample, out.weights, z_out)

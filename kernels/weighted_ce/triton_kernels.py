@@ -72,8 +72,8 @@ def _store_rounded(ptr, x, mask, RNE_BF16: tl.constexpr):
 
 
 @triton.jit
-def _lse_target_kernel(z_ptr, labels_ptr, lse_ptr, target_ptr, V, stride_z,
-                       WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr, RNE_BF16: tl.constexpr):
+def _lse_target_kernel(z_ptr, labels_ptr, lse_ptr, target_ptr, V, stride_z, z_scale,
+                       WRITE_GRAD: tl.constexpr, HAS_Z: tl.constexpr, BLOCK_V: tl.constexpr, RNE_BF16: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = z_ptr + row * stride_z
     label = tl.load(labels_ptr + row)
@@ -94,16 +94,18 @@ def _lse_target_kernel(z_ptr, labels_ptr, lse_ptr, target_ptr, V, stride_z,
     tl.store(lse_ptr + row, lse)
     tl.store(target_ptr + row, target)
     if WRITE_GRAD:
+        # z-loss (HAS_Z): d(z_scale/2 * lse^2)/dz = z_scale * lse * softmax, a per-row factor on softmax
+        a = 1.0 + z_scale * lse if HAS_Z else 1.0
         for v0 in range(0, V, BLOCK_V):
             mask = v0 + cols < V
             z = tl.load(base + v0 + cols, mask=mask, other=0.0).to(tl.float32)
-            g = tl.exp2((z - lse) * LOG2E) - tl.where(v0 + cols == label, 1.0, 0.0)
+            g = a * tl.exp2((z - lse) * LOG2E) - tl.where(v0 + cols == label, 1.0, 0.0)
             _store_rounded(base + v0 + cols, g, mask, RNE_BF16)
 
 
 @triton.jit
-def _grad_kernel(z_ptr, labels_ptr, lse_ptr, scale_ptr, V, stride_z, col_offset,
-                 BLOCK_V: tl.constexpr, RNE_BF16: tl.constexpr):
+def _grad_kernel(z_ptr, labels_ptr, lse_ptr, scale_ptr, V, stride_z, col_offset, z_scale,
+                 HAS_Z: tl.constexpr, BLOCK_V: tl.constexpr, RNE_BF16: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     mask = cols < V
@@ -112,7 +114,8 @@ def _grad_kernel(z_ptr, labels_ptr, lse_ptr, scale_ptr, V, stride_z, col_offset,
     lse = tl.load(lse_ptr + row)
     scale = tl.load(scale_ptr + row)
     z = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-    g = (tl.exp2((z - lse) * LOG2E) - tl.where(cols == label, 1.0, 0.0)) * scale
+    a = 1.0 + z_scale * lse if HAS_Z else 1.0
+    g = (a * tl.exp2((z - lse) * LOG2E) - tl.where(cols == label, 1.0, 0.0)) * scale
     # A token with coefficient 0 (ignored, or its sample left out of the weighting) gets an exact
     # zero gradient even if its logits are not finite, as in the autograd reference.
     g = tl.where(scale == 0.0, 0.0, g)
@@ -149,21 +152,22 @@ def _options(num_warps: int) -> dict:
     return {} if INTERPRET else {"num_warps": num_warps}
 
 
-def lse_target_launch(z, labels, lse, target, write_grad: bool) -> Launch:
+def lse_target_launch(z, labels, lse, target, write_grad: bool, z_scale: float = 0.0) -> Launch:
     """Per-row LSE and target logit of the contiguous block ``z`` [rows, V]; with ``write_grad``
-    also ``z <- exp(z - lse) - onehot`` in place."""
+    also ``z <- a * exp(z - lse) - onehot`` in place (``a = 1 + z_scale * lse``, the z-loss)."""
     rows, v = z.shape
-    return Launch(_lse_target_kernel, (rows,), (z, labels, lse, target, v, z.stride(0)),
-                  {"WRITE_GRAD": bool(write_grad), "BLOCK_V": _block_v(v), "RNE_BF16": _rne(z)},
+    return Launch(_lse_target_kernel, (rows,), (z, labels, lse, target, v, z.stride(0), float(z_scale)),
+                  {"WRITE_GRAD": bool(write_grad), "HAS_Z": bool(z_scale), "BLOCK_V": _block_v(v), "RNE_BF16": _rne(z)},
                   _options(ROW_WARPS))
 
 
-def grad_launch(z, labels, lse, scale, col_offset: int) -> Launch:
-    """``z <- (exp(z - lse) - onehot(labels - col_offset)) * scale`` in place, per row."""
+def grad_launch(z, labels, lse, scale, col_offset: int, z_scale: float = 0.0) -> Launch:
+    """``z <- (a * exp(z - lse) - onehot(labels - col_offset)) * scale`` in place, per row."""
     rows, v = z.shape
     block = _block_v(v)
-    return Launch(_grad_kernel, (rows, triton.cdiv(v, block)), (z, labels, lse, scale, v, z.stride(0), col_offset),
-                  {"BLOCK_V": block, "RNE_BF16": _rne(z)}, _options(ROW_WARPS))
+    return Launch(_grad_kernel, (rows, triton.cdiv(v, block)),
+                  (z, labels, lse, scale, v, z.stride(0), col_offset, float(z_scale)),
+                  {"HAS_Z": bool(z_scale), "BLOCK_V": block, "RNE_BF16": _rne(z)}, _options(ROW_WARPS))
 
 
 def segment_sum_launch(values, valid, order, offsets, sums, counts) -> Launch:

@@ -135,12 +135,14 @@ def weighted_loss(
     delta: float = 1.0,
     mask: Optional[torch.Tensor] = None,
     log_prior: Optional[torch.Tensor] = None,
+    extra: Optional[torch.Tensor] = None,
 ) -> WeightedLoss:
     """Reweighted loss of this rank's samples, with weights computed over the global batch.
 
     ``per_sample_losses`` [b] carries gradients; ``mask`` [b] marks scorable samples (e.g. those
     with at least one non-ignored token); ``log_prior`` [b] is this rank's per-sample log weight
-    (the ``domain`` strategy), all-gathered like the losses. Returns ``sum_i w_i * l_i * world_size``
+    (the ``domain`` strategy), all-gathered like the losses; ``extra`` [b] is a per-sample loss term
+    (the z-loss) weighted like the loss but left out of the weights. Returns ``sum_i w_i * l_i * world_size``
     over this rank's slice, so that DDP/ZeRO's gradient *average* over ranks yields
     ``sum_i w_i grad l_i``.
     """
@@ -153,7 +155,8 @@ def weighted_loss(
     weights = compute_weights(global_losses, strategy, r, delta, global_valid, global_prior)
     b = per_sample_losses.shape[0]
     local_w = weights[rank * b : (rank + 1) * b].to(per_sample_losses.dtype)
-    safe = torch.where(local_valid, per_sample_losses, torch.zeros_like(per_sample_losses))
+    total = per_sample_losses if extra is None else per_sample_losses + extra
+    safe = torch.where(local_valid, total, torch.zeros_like(total))
     loss = (local_w * safe).sum() * world
     return WeightedLoss(loss, weights, global_losses, global_valid)
 

@@ -104,6 +104,25 @@ def plan_domains(cfg: ExperimentConfig, data: PreparedData) -> DomainPlan:
     return DomainPlan(train=list(train), weights=weights, eval=list(eval_domains))
 
 
+def decide_loss_plan(cfg: ExperimentConfig, args, device: torch.device,
+                     point: Optional[resume_policy.ResumePoint]) -> dict[str, Any]:
+    """``loss.mode``/``loss.chunk_size`` made concrete once per run: from the config, the per-call
+    shape and the memory budget (never the momentary free memory), or, on resume, what the run
+    decided at its start (so fast/lean and the GEMM shapes, hence the bits, do not change)."""
+    from megareweight.kernels.weighted_ce.function import plan_for_run
+
+    saved = (point.state.get("loss_plan") if point is not None else None) or {}
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
+    budget = int(cfg.loss.fast_memory_gb * 2**30) or None
+    mode, chunk = plan_for_run(cfg.data.micro_batch_size * cfg.data.seq_len, args.d_model, args.vocab_size, dtype,
+                               device, cfg.loss.mode, cfg.loss.chunk_size or None, budget)
+    if cfg.loss.mode == "auto" and saved.get("mode"):
+        mode = saved["mode"]
+    if not cfg.loss.chunk_size and saved.get("chunk_size"):
+        chunk = int(saved["chunk_size"])
+    return {"mode": mode, "chunk_size": chunk, "z_loss": cfg.loss.z_loss}
+
+
 def check_validation_splits(data: PreparedData, domains: list[str], seq_len: int, world_size: int) -> None:
     """Refuse (before anything is written) an evaluated domain whose validation split holds no window.
 
@@ -269,7 +288,9 @@ def _train(cfg: ExperimentConfig, out: Path, factory: Callable[[ReweightedLM, Ex
                             checkpoint_every=cfg.model.checkpoint_every or 2)
     n_params = _parameter_count(model)
     device_hint = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    loss_name, loss_fn = get_loss_impl(cfg.loss.impl, device_hint, mode=cfg.loss.mode, chunk_size=cfg.loss.chunk_size)
+    loss_plan = decide_loss_plan(cfg, args, device_hint, point)
+    loss_name, loss_fn = get_loss_impl(cfg.loss.impl, device_hint, mode=loss_plan["mode"],
+                                       chunk_size=loss_plan["chunk_size"], z_loss=cfg.loss.z_loss)
     num_segments = cfg.reweight.max_documents if cfg.reweight.unit == "document" else None
     injector = faults.from_env(distributed.rank())
     engine = factory(ReweightedLM(model, injector.wrap(loss_fn) if injector else loss_fn, cfg.reweight.delta,
@@ -312,7 +333,8 @@ def _train(cfg: ExperimentConfig, out: Path, factory: Callable[[ReweightedLM, Ex
     logger = MetricsLogger(out, cfg, enabled=is_main, resume_step=start_step if point is not None else None,
                            wandb_id=run.wandb_id)
     if is_main and progress:
-        print(f"[megareweight] model {cfg.model.size} ({args.describe()}): {n_params:,} parameters; loss impl: {loss_name}; "
+        print(f"[megareweight] model {cfg.model.size} ({args.describe()}): {n_params:,} parameters; loss impl: {loss_name} "
+              f"(mode {loss_plan['mode']}, chunk {loss_plan['chunk_size']} tokens{', z-loss ' + str(cfg.loss.z_loss) if cfg.loss.z_loss else ''}); "
               f"engine: {engine.name} x{engine.world_size}; train domains {plan.train}; held out {plan.heldout}")
 
     def save(step_done: int, kind: str = ckpt.REGULAR) -> Optional[Path]:
@@ -324,7 +346,7 @@ def _train(cfg: ExperimentConfig, out: Path, factory: Callable[[ReweightedLM, Ex
                                     f"(the newest intact one is {newest or 'none'}). Lower optim.lr or check the data.")
             return None
         state = {"step": step_done, "model_args": dataclasses.asdict(args), "prepared_dir": str(data.root.resolve()),
-                 "sampler": sampler.state_dict(), "tokens": meter.tokens,
+                 "sampler": sampler.state_dict(), "tokens": meter.tokens, "loss_plan": loss_plan,
                  "nonfinite_streak": streak,
                  "skipped_steps": skipped, "torch_rng": torch.get_rng_state().tolist(), "config": cfg.to_dict(),
                  "engine": engine.name, "world_size": engine.world_size, "run_id": run.run_id,
@@ -426,7 +448,7 @@ def _train(cfg: ExperimentConfig, out: Path, factory: Callable[[ReweightedLM, Ex
     seconds = time.time() - start_time
     # tokens_per_domain: what the sampler actually drew (domains are drawn per slot at random, so
     # it differs from mixture x tokens); AutoScale's fit (megareweight.autoscale) reads it.
-    logger.finish({**eval_row, "seconds": seconds, "loss_impl": loss_name, "parameters": n_params,
+    logger.finish({**eval_row, "seconds": seconds, "loss_impl": loss_name, "loss_plan": loss_plan, "parameters": n_params,
                    "skipped_steps": skipped, "engine": engine.name, "world_size": engine.world_size,
                    "device": device_name(engine.device), "flops_per_token": meter.flops_per_token,
                    "peak_tflops": meter.peak_tflops, "tokens_per_domain": sampler.tokens_consumed()})

@@ -32,21 +32,9 @@ import torch
 import torch.nn as nn
 
 from megareweight.model import ModelArgs, build_model, count_parameters
+from megareweight.hardware import PEAK_BF16_TFLOPS, lookup_peak_tflops  # noqa: F401 (re-exported)
 
 GIB = 1024**3
-
-#: Dense (no sparsity) bf16 tensor-core peak in TFLOP/s, from NVIDIA's datasheets (which quote
-#: twice these numbers "with sparsity"). Matched against ``torch.cuda.get_device_name`` in order:
-#: every substring of an entry must occur in the name (case-insensitive); the first match wins.
-PEAK_BF16_TFLOPS: tuple[tuple[tuple[str, ...], float], ...] = (
-    (("GH200",), 989.0),
-    (("H200", "NVL"), 835.0),
-    (("H200",), 989.0),  # H200 SXM
-    (("H100", "NVL"), 835.0),
-    (("H100", "PCIE"), 756.0),
-    (("H100",), 989.0),  # H100 SXM ("NVIDIA H100 80GB HBM3")
-    (("A100",), 312.0),  # SXM and PCIe
-)
 
 
 def matmul_parameters(model: nn.Module) -> int:
@@ -65,15 +53,6 @@ def flops_per_token(args: ModelArgs, seq_len: int) -> int:
     """
     model = build_model(args, device="meta")
     return 6 * matmul_parameters(model) + 12 * args.n_layers * args.d_model * seq_len
-
-
-def lookup_peak_tflops(device_name: str) -> Optional[float]:
-    """Dense bf16 peak of a CUDA device by name, or None when it is not in the table."""
-    name = device_name.upper()
-    for needles, peak in PEAK_BF16_TFLOPS:
-        if all(n in name for n in needles):
-            return peak
-    return None
 
 
 def device_name(device: torch.device) -> str:
