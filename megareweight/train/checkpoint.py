@@ -20,7 +20,7 @@ or DeepSpeed shard, a missing file), ``trainer_state.json`` valid, and, with ``c
 every file's checksum as written (a flipped bit keeps the size). A damaged one is skipped with a
 warning naming the reason, and the previous one is used. Only the checkpoint about to be loaded
 (resume, ``eval``, ``export``) is hashed; pruning and listings check sizes only. Hashing costs
-about 0.3 s per GiB of checkpoint on one CPU core (:mod:`~megareweight.train.checksums`), at save
+0.5-0.8 s per GiB of checkpoint on one CPU core (:mod:`~megareweight.train.checksums`), at save
 (by the writing rank, over every rank's files) and at load, plus reading the files from disk:
 tens of seconds for a 7B run's ~80 GB of ZeRO shards, against a silent resume of corrupted
 weights or optimizer moments. Checkpoints written before checksums load with a warning and are
