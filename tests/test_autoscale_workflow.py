@@ -343,3 +343,29 @@ def test_train_with_fixed_mixture_and_linupper(prepared_dir, tmp_path):
     assert {d: rows[-1][f"mixture/{d}"] for d in mixture} == pytest.approx(mixture)
     assert all(r["weight_max"] > r["weight_min"] for r in rows)     # instance weights are not uniform
     assert all(np.isfinite(r["loss"]) for r in rows)
+
+
+def test_extrapolate_errors_quote_the_users_budgets(tmp_path, capsys):
+    """The maths' errors quoted internal totals ("free domains ['a', 'b']: target_tokens=500 is below
+    the smaller budget sum(n1)=1000"); the messages now speak of --target and the fits' budgets."""
+    n1, n2 = {"a": 300.0, "b": 700.0}, {"a": 500.0, "b": 1500.0}
+    f1, f2 = _fake_fit(tmp_path / "s", 1000, n1), _fake_fit(tmp_path / "l", 2000, n2)
+    scarce = _fake_fit(tmp_path / "scarce", 2000, n2, available={"a": 10, "b": 10})
+    m1, m2 = {"books": 100.0, "code": 500.0, "math": 400.0}, {"books": 1500.0, "code": 300.0, "math": 200.0}
+    shrinking = (_fake_fit(tmp_path / "s3", 1000, m1), _fake_fit(tmp_path / "l3", 2000, m2, held=["books"]))
+    m2b = {"books": 1000.0, "code": 550.0, "math": 450.0}
+    squeezed = (_fake_fit(tmp_path / "s4", 1000, m1), _fake_fit(tmp_path / "l4", 2000, m2b, held=["books"]))
+    cases = [
+        ((f1, f2), "500", "--target 500 tokens is below the smaller fit's budget 1,000 tokens: that is not "
+                          "extrapolation; plan and fit a mixture at that budget instead"),
+        ((f1, scarce), "8000", "--target 8,000 tokens is more than the data allows: the domains' 20 training tokens "
+                               "x max epochs 4 = 80; lower --target or raise --max-epochs"),
+        (shrinking, "3000", "the free domains (code, math) get 900 of the smaller fit's 1,000 tokens but 500 of the "
+                            "larger fit's 2,000: their optima do not grow, so there is no trend to extrapolate"),
+        (squeezed, "1000", "--target 1,000 tokens leaves the free domains (code, math) 500 tokens after the frozen "
+                           "domains' shares, fewer than the 900 they get at the smaller fit's budget 1,000; raise --target"),
+    ]
+    for (small, large), target, message in cases:
+        assert main(["mix", "extrapolate", "--fit", str(small), "--fit", str(large), "--target", target,
+                     "--out", str(tmp_path / "o")]) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [f"megareweight: error: {message}"]

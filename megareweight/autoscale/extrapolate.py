@@ -34,7 +34,7 @@ from megareweight.autoscale.files import (
 from megareweight.autoscale.fit import load_fit
 from megareweight.autoscale.target import write_target_config
 from megareweight.config import load_config
-from megareweight.mixing import DEFAULT_MAX_EPOCHS, MixingWarning, extrapolate_partial
+from megareweight.mixing import DEFAULT_MAX_EPOCHS, InfeasibleError, MixingError, MixingWarning, extrapolate_partial
 
 
 def _frozen_reasons(fit: dict[str, Any]) -> dict[str, str]:
@@ -42,6 +42,29 @@ def _frozen_reasons(fit: dict[str, Any]) -> dict[str, str]:
     out = {d: f"held at {budget}" for d in fit.get("held_domains", [])}
     out.update({d: f"on its {kind} bound at {budget}" for d, kind in fit.get("bound_domains", {}).items()})
     return out
+
+
+def _check_free_domains(domains: list[str], frozen: dict[str, str], n1: np.ndarray, n2: np.ndarray,
+                        shares: np.ndarray, target: int, b1: float, b2: float) -> None:
+    """Refuse, in terms of the user's budgets, what :func:`extrapolate_partial` would refuse in its own.
+
+    The rule runs over the free domains only, on their part of each budget; its errors would
+    quote those internal totals ("sum(n1)=900") instead of ``--target`` and the fits' budgets.
+    """
+    free = np.array([d not in frozen for d in domains])
+    if not free.any():
+        return
+    names = ", ".join(d for d, f in zip(domains, free) if f)
+    s1, s2 = float(n1[free].sum()), float(n2[free].sum())
+    if s2 <= s1:
+        raise WorkflowError(f"the free domains ({names}) get {s1:,.0f} of the smaller fit's {b1:,.0f} tokens but "
+                            f"{s2:,.0f} of the larger fit's {b2:,.0f}: their optima do not grow, so there is no trend "
+                            "to extrapolate")
+    room = target * (1.0 - float(np.nansum(shares)))
+    if room < s1 * (1 - 1e-12):
+        raise WorkflowError(f"--target {target:,} tokens leaves the free domains ({names}) {room:,.0f} tokens after "
+                            f"the frozen domains' shares, fewer than the {s1:,.0f} they get at the smaller fit's budget "
+                            f"{b1:,.0f}; raise --target")
 
 
 def extrapolate_fits(small: dict[str, Any] | str | Path, large: dict[str, Any] | str | Path, target_tokens: int | str,
@@ -64,6 +87,9 @@ def extrapolate_fits(small: dict[str, Any] | str | Path, large: dict[str, Any] |
     if f1.get("objective", {}).get("kind") != f2.get("objective", {}).get("kind"):
         raise WorkflowError(f"the two fits used different objectives ({f1.get('objective', {}).get('kind')} vs "
                             f"{f2.get('objective', {}).get('kind')}); fit both with the same --objective")
+    if target < b1:
+        raise WorkflowError(f"--target {target:,} tokens is below the smaller fit's budget {b1:,.0f} tokens: that is "
+                            "not extrapolation; plan and fit a mixture at that budget instead")
     notes: list[str] = []
     if target < b2:
         notes.append(f"target {target:,} tokens is below the larger fitted budget {b2:,.0f}: this interpolates")
@@ -84,11 +110,21 @@ def extrapolate_fits(small: dict[str, Any] | str | Path, large: dict[str, Any] |
         max_epochs = float(f2.get("bounds", {}).get("max_epochs", DEFAULT_MAX_EPOCHS))
     avail = available if available is not None else f2.get("available_tokens")
     avail_vec = None if avail is None else np.array([float(avail[d]) for d in domains])
+    _check_free_domains(domains, frozen, n1, n2, shares, target, b1, b2)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", MixingWarning)
-        uncapped = extrapolate_partial(n1, n2, target, shares, names=domains)
-        counts = extrapolate_partial(n1, n2, target, shares, available=avail_vec, max_epochs=max_epochs,
-                                     names=domains)
+        try:
+            uncapped = extrapolate_partial(n1, n2, target, shares, names=domains)
+            counts = extrapolate_partial(n1, n2, target, shares, available=avail_vec, max_epochs=max_epochs,
+                                         names=domains)
+        except InfeasibleError:  # the maths' message counts tokens of its own; say it in the user's terms
+            total = float(avail_vec.sum()) if avail_vec is not None else float("nan")
+            raise WorkflowError(f"--target {target:,} tokens is more than the data allows: the domains' {total:,.0f} "
+                                f"training tokens x max epochs {max_epochs:g} = {total * max_epochs:,.0f}; lower "
+                                "--target or raise --max-epochs") from None
+        except MixingError as exc:
+            raise WorkflowError(f"cannot extrapolate the fits at {b1:,.0f} and {b2:,.0f} tokens to --target "
+                                f"{target:,} tokens: {exc}") from None
     notes += [str(w.message) for w in caught if issubclass(w.category, MixingWarning)]
     weights = counts / counts.sum()
     capped = [d for d, u, c in zip(domains, uncapped, counts) if c < u * (1 - 1e-9)]
