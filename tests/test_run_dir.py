@@ -125,6 +125,7 @@ def test_resume_from_another_runs_checkpoint_never_mixes_two_runs(prepared_dir, 
     assert main(["train", "--config", str(y_config), "--out", str(branch), "--quiet", "--resume-from",
                  str(source / "checkpoints" / "step_00000001")]) == 0
     assert json.loads((branch / RUN_FILE).read_text())["run_id"] == branch_id
+    assert json.loads((branch / RUN_FILE).read_text())["resumed_from"]["step"] == 1
     assert [r["step"] for r in read_metrics(branch)] == [2, 3]
     # The same run (a copied run directory) continues with its own id; --overwrite with --resume-from
     # a checkpoint inside --out would delete that checkpoint: refused.

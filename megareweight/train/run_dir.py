@@ -39,7 +39,7 @@ import shutil
 import socket
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -245,10 +245,11 @@ def _claim_for_checkpoint(out: Path, info: Optional[RunInfo], source: Path, over
                 "checkpoint), or replace the run in --out with --overwrite")
         _overwrite(out, info)
         own = False
+    resumed_from = {"run_id": origin.run_id, "checkpoint": str(origin.path), "step": origin.step}
     if own and info is not None:
-        return info
-    return _write_info(out, new_run_info({"run_id": origin.run_id, "checkpoint": str(origin.path),
-                                          "step": origin.step}))
+        # A retried branch keeps its ids; it now starts from this checkpoint.
+        return info if info.run_id == origin.run_id else _write_info(out, replace(info, resumed_from=resumed_from))
+    return _write_info(out, new_run_info(resumed_from))
 
 
 def _claim_on_writer(out: Path, resume: bool, overwrite: bool,
