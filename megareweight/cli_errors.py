@@ -34,6 +34,38 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(EXIT_BAD_INPUT, f"megareweight: error: {self.prog}: {message} (see --help)\n")
 
+    def parse_known_args(self, args: Optional[Sequence[str]] = None,  # type: ignore[override]
+                         namespace: Optional[argparse.Namespace] = None) -> tuple[argparse.Namespace, list[str]]:
+        return super().parse_known_args(self._attach_dash_values(sys.argv[1:] if args is None else list(args)),
+                                        namespace)
+
+    def _attach_dash_values(self, args: list[str]) -> list[str]:
+        """``--shard -1/4`` -> ``--shard=-1/4``, so that the option's own check names the value.
+
+        Why: argparse takes a value that starts with ``-`` (and is not a plain negative number)
+        for an option, and reports "expected one argument" without the value. A following word
+        that is, or may abbreviate, one of this parser's options is left alone (``--out --quiet``
+        stays a missing value), and so is everything after ``--``.
+        """
+        out: list[str] = []
+        i = 0
+        while i < len(args):
+            word = args[i]
+            if word == "--":
+                return out + args[i:]
+            action = self._option_string_actions.get(word)
+            takes_one = action is not None and action.nargs is None
+            if takes_one and i + 1 < len(args) and args[i + 1].startswith("-") and args[i + 1] != "--":
+                value = args[i + 1]
+                name = value.split("=", 1)[0]
+                if not any(option.startswith(name) for option in self._option_string_actions):
+                    out.append(f"{word}={value}")
+                    i += 2
+                    continue
+            out.append(word)
+            i += 1
+        return out
+
 
 def parse_and_run(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]],
                   func: Optional[Callable[[argparse.Namespace], int]] = None) -> int:

@@ -438,6 +438,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file not found: {path}")
         try:
             raw = yaml_load(path.read_text()) or {}
+        except UnicodeDecodeError as exc:  # a binary file (a checkpoint, a .pt) passed as --config
+            raise ConfigError(f"{path}: not a YAML text file (byte {exc.object[exc.start]:#04x} at offset "
+                              f"{exc.start} is not UTF-8)") from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""

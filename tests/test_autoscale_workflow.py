@@ -369,3 +369,10 @@ def test_extrapolate_errors_quote_the_users_budgets(tmp_path, capsys):
         assert main(["mix", "extrapolate", "--fit", str(small), "--fit", str(large), "--target", target,
                      "--out", str(tmp_path / "o")]) == 2
         assert capsys.readouterr().err.strip().splitlines() == [f"megareweight: error: {message}"]
+
+
+def test_a_negative_target_is_named_before_the_fits_are_read(tmp_path, capsys):
+    assert main(["mix", "extrapolate", "--fit", str(tmp_path / "a.json"), "--fit", str(tmp_path / "b.json"),
+                 "--target", "-5", "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "megareweight: error: --target: must be a token count >= 1, got '-5'"]

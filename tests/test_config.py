@@ -157,3 +157,11 @@ def test_the_bounds_admit_their_limits():
     config_from_dict({"reweight": {"delta": 1.8e19, "r": 1e-19}})
     config_from_dict({"data": {"packing": "documents", "seq_len": 32}, "reweight": {"unit": "document", "max_documents": 32}})
     config_from_dict({"reweight": {"max_documents": 10**8}})  # unit: sequence ignores it
+
+
+def test_a_binary_config_file_is_named(tmp_path):
+    """It raised a bare UnicodeDecodeError ("'utf-8' codec can't decode byte ...") naming no file."""
+    path = tmp_path / "engine.pt"
+    path.write_bytes(b"PK\x03\x04\xd1\x00\xff binary")
+    with pytest.raises(ConfigError, match=rf"^{path}: not a YAML text file \(byte 0xd1 at offset 4 is not UTF-8\)$"):
+        load_config(path)

@@ -261,3 +261,11 @@ def test_a_vocabulary_smaller_than_the_corpus_needs_names_the_floor(corpus_dir, 
     assert len(err) == 1 and "character_coverage" not in err[0], err
     assert re.fullmatch(r"megareweight: error: vocab_size 300 is too small for this corpus: it needs at least (\d+) "
                         r"pieces \(256 byte-fallback pieces, .*\); raise --vocab-size to >= \1", err[0]), err
+
+
+def test_a_negative_looking_value_reaches_its_options_check(tmp_path, capsys):
+    """argparse read '-1/4' as an option and said only "expected one argument"."""
+    assert main(["prepare", "--out", str(tmp_path / "p"), "--shard", "-1/4", "--quiet"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["megareweight: error: --shard '-1/4': need 0 <= I < K"]
+    assert main(["prepare", "--out", "--quiet"]) == 2  # a real option after --out is still a missing value
+    assert "argument --out: expected one argument" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -245,3 +246,17 @@ def test_a_validation_split_shorter_than_a_window_is_refused_before_the_run_star
     with pytest.raises(ValueError, match=rf"domain '{longer[0]}' has 1 validation window\(s\) of {short + 1} tokens, "
                                          "fewer than the 2 ranks"):
         check_validation_splits(data, longer, short, world_size=2)
+
+
+def test_wandb_dir_pointing_at_a_file_is_refused_naming_the_key(prepared_dir, tmp_path):
+    """wandb.init failed after the model was built with "[Errno 17] File exists", naming no key."""
+    from megareweight.config import ConfigError
+
+    afile = tmp_path / "notes.txt"
+    afile.write_text("x")
+    for where, message in ((afile, f"wandb.dir: {afile} is a file, not a directory"),
+                           (afile / "sub", f"wandb.dir: cannot create the directory {afile / 'sub'} (Not a directory)")):
+        cfg = tiny_config(prepared_dir, wandb={"mode": "offline", "dir": str(where)})
+        with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+            train(cfg, tmp_path / "run", progress=False)
+        assert not (tmp_path / "run").exists()

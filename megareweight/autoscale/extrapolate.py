@@ -75,9 +75,9 @@ def extrapolate_fits(small: dict[str, Any] | str | Path, large: dict[str, Any] |
     Capping uses each domain's available training tokens (from the larger fit unless ``available``
     is given) and ``max_epochs`` (default: the larger fit's, else 4).
     """
+    target = parse_tokens(target_tokens, "--target")  # first: a bad argument is named before any file is read
     f1 = small if isinstance(small, dict) else load_fit(small)
     f2 = large if isinstance(large, dict) else load_fit(large)
-    target = parse_tokens(target_tokens, "--target")
     if sorted(f1["domains"]) != sorted(f2["domains"]):     # the order may differ: matched by name
         raise WorkflowError(f"the two fits have different domains: {f1['domains']} vs {f2['domains']}")
     domains = list(f2["domains"])

@@ -38,7 +38,7 @@ from megareweight.train import resume as resume_policy
 from megareweight.train.distributed import all_reduce_sum, broadcast_object
 from megareweight.train.step_stats import StepStats
 from megareweight.train.lr import lr_at
-from megareweight.train.metrics import MetricsLogger
+from megareweight.train.metrics import MetricsLogger, check_wandb_dir
 from megareweight.train.objective import ReweightedLM, per_sample_domains
 from megareweight.train.signals import StoppedBySignal, StopRequests
 from megareweight.train.throughput import ThroughputMeter, device_name, flops_per_token, peak_tflops
@@ -259,6 +259,7 @@ def train(
     data = PreparedData.open(cfg.data.prepared)
     plan = plan_domains(cfg, data)
     check_validation_splits(data, plan.eval, cfg.data.seq_len, distributed.world_size())
+    distributed.decided_by_rank0(lambda: check_wandb_dir(cfg), is_writer)  # only rank 0 writes to it
     source = resume_policy.foreign_checkpoint(out, resume_from)
     with run_dir.claim(out, resume, overwrite, is_writer, source) as run, StopRequests() as stop:
         point = resume_policy.locate(cfg, out, resume_from, data.manifest, plan.train, is_writer) if resume else None

@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional
 
-from megareweight.config import ExperimentConfig
+from megareweight.config import ConfigError, ExperimentConfig
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -54,6 +54,23 @@ def _histogram(values: Any, bins: int = 32) -> tuple:
     arr = np.asarray(values, dtype=np.float64)
     arr = arr[np.isfinite(arr) & (arr > 0)]  # weight 0 marks an excluded sample
     return np.histogram(arr if arr.size else np.zeros(1), bins=bins)
+
+
+def check_wandb_dir(cfg: ExperimentConfig) -> None:
+    """Create ``wandb.dir`` now, before the run starts, or refuse it naming the key.
+
+    Why here: ``wandb.init`` meets a file at that path only after the model is built and the run
+    directory taken, and fails with "[Errno 17] File exists" naming neither key nor path.
+    """
+    if cfg.wandb.mode == "disabled" or not cfg.wandb.dir:
+        return
+    path = Path(cfg.wandb.dir)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"wandb.dir: {path} is a file, not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"wandb.dir: cannot create the directory {path} ({exc.strerror})") from None
 
 
 class MetricsLogger:
