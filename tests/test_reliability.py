@@ -341,3 +341,39 @@ def test_two_deepspeed_trainings_in_one_process_both_run(prepared_dir, tmp_path)
     assert "run 0 exit 0 groups destroyed False" in proc.stdout, proc.stderr[-3000:]
     assert "run 1 exit 0 groups destroyed False" in proc.stdout, proc.stderr[-3000:]
     assert len(_metrics(tmp_path / "run1")) == 4
+
+
+FULL_DISK_RUN = """
+import errno, logging, sys
+import megareweight.train.checkpoint as ckpt
+
+class FullDisk:
+    def write(self, text):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    flush = write
+
+def checkpoint_write_on_a_full_disk(*args, **kwargs):
+    # the disk is full for everyone: wandb's own log file fails from now on too
+    for handler in logging.getLogger("wandb").handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.stream = FullDisk()
+    raise OSError(errno.ENOSPC, "No space left on device", "checkpoints/step_00000002")
+
+ckpt.save_checkpoint = checkpoint_write_on_a_full_disk
+from megareweight.cli import main
+sys.exit(main(["train", "--config", sys.argv[1], "--out", sys.argv[2], "--quiet"]))
+"""
+
+
+def test_a_full_disk_under_wandb_offline_ends_in_one_line(prepared_dir, tmp_path):
+    """The one-line error was followed by wandb's "--- Logging error ---", tracebacks and socket errors."""
+    config = tmp_path / "c.yaml"
+    raw = tiny_config(prepared_dir, train={"max_steps": 2, "eval_interval": 0}).to_dict()
+    raw["wandb"].update(mode="offline")
+    config.write_text(yaml.safe_dump(raw))
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_MODE", "WANDB_SILENT")}
+    done = subprocess.run([sys.executable, "-c", FULL_DISK_RUN, str(config), str(tmp_path / "run")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        "megareweight: error: [Errno 28] No space left on device: 'checkpoints/step_00000002'"], done.stderr[-3000:]

@@ -38,7 +38,7 @@ from megareweight.train import resume as resume_policy
 from megareweight.train.distributed import all_reduce_sum, broadcast_object
 from megareweight.train.step_stats import StepStats
 from megareweight.train.lr import lr_at
-from megareweight.train.metrics import MetricsLogger, check_wandb_dir
+from megareweight.train.metrics import MetricsLogger, check_wandb_dir, close_wandb_quietly
 from megareweight.train.objective import ReweightedLM, per_sample_domains
 from megareweight.train.signals import StoppedBySignal, StopRequests
 from megareweight.train.throughput import ThroughputMeter, device_name, flops_per_token, peak_tflops
@@ -269,7 +269,11 @@ def train(
                 if finished is not None:
                     return finished
             plan = DomainPlan(point.domains, point.train_weights(plan.weights), plan.eval)
-        return _train(cfg, out, factory, progress, data, plan, run, point, stop)
+        try:
+            return _train(cfg, out, factory, progress, data, plan, run, point, stop)
+        except BaseException as exc:  # the caller prints one line: wandb must not add tracebacks after it
+            close_wandb_quietly(getattr(exc, "exit_code", 1))
+            raise
 
 
 def _train(cfg: ExperimentConfig, out: Path, factory: Callable[[ReweightedLM, ExperimentConfig], Any], progress: bool,

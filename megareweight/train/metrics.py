@@ -5,8 +5,12 @@ files are the source of truth for reports and tests; wandb mirrors them for dash
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -71,6 +75,34 @@ def check_wandb_dir(cfg: ExperimentConfig) -> None:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"wandb.dir: cannot create the directory {path} ({exc.strerror})") from None
+
+
+def close_wandb_quietly(exit_code: int = 1) -> None:
+    """Finish this process's open wandb run on an error path, printing nothing.
+
+    Why: when training fails because the disk is full (a checkpoint write hit ENOSPC), wandb's own
+    log file (``debug.log``) cannot be written either. Left open, the run is finished by wandb's
+    exit hook, and every line it logs then prints Python's "--- Logging error ---" with two
+    tracebacks, followed by socket errors of its dropped service, after our one-line error. So the
+    run is finished here, before the one-line error: wandb's file handler is closed first (what
+    it would write may be what failed), its output is discarded, and any error of its own is
+    dropped; ``metrics.jsonl`` and the checkpoints are the record of the run, not wandb.
+    """
+    wandb = sys.modules.get("wandb")
+    run = getattr(wandb, "run", None) if wandb is not None else None
+    if run is None:
+        return
+    log = logging.getLogger("wandb")
+    for handler in [h for h in log.handlers if isinstance(h, logging.FileHandler)]:
+        log.removeHandler(handler)
+        with contextlib.suppress(Exception):
+            handler.close()
+    sink = io.StringIO()
+    with contextlib.redirect_stderr(sink), contextlib.redirect_stdout(sink):
+        with contextlib.suppress(Exception):
+            run.finish(exit_code=exit_code)
+        with contextlib.suppress(Exception):
+            wandb.teardown()
 
 
 class MetricsLogger:
