@@ -18,6 +18,10 @@ from megareweight.cli_errors import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPT
                                      UsageError, parse_and_run)
 from megareweight.train.__main__ import add_train_arguments
 
+#: ``--help``'s description: plain text (the module docstring's RST markup showed in the terminal).
+DESCRIPTION = ("megareweight: LLM pretraining with instance-level loss reweighting and AutoScale domain mixing. "
+               "Run COMMAND --help for each command.")
+
 #: ``model-info`` flags that override a named size's shapes, like the config's ``model.*`` keys.
 MODEL_SHAPE_KEYS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len")
 
@@ -149,7 +153,7 @@ def cmd_model_info(args: argparse.Namespace) -> int:
 # --- parser ---------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="megareweight", description=__doc__.split("\n")[0])
+    parser = OneLineParser(prog="megareweight", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, fn: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
@@ -220,14 +224,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--quiet", action="store_true")
 
-    p = command("eval", cmd_eval, "per-domain loss and perplexity of a checkpoint on JSONL text")
-    p.add_argument("--checkpoint", required=True, help="checkpoint, checkpoints/ or run directory")
-    p.add_argument("--data", required=True, help="a <domain>.jsonl[.xz|.gz] file or a directory of them")
-    p.add_argument("--tokenizer", default=None, help="SentencePiece model (default: the run's)")
+    p = command("eval", cmd_eval, "per-domain loss and perplexity of a checkpoint on held-out text; prints which "
+                                  "checkpoint (step) it scored")
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint, checkpoints/ or run directory (a run: its newest intact checkpoint)")
+    p.add_argument("--data", required=True,
+                   help="a <domain>.jsonl[.gz|.xz|.zst] or <domain>.parquet file, or a corpus directory of them "
+                        "(and <domain>/ directories)")
+    p.add_argument("--tokenizer", default=None,
+                   help="SentencePiece .model or Hugging Face tokenizer.json (default: the run's)")
     p.add_argument("--seq-len", type=positive_int, default=None, help="window length (default: the run's)")
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--max-tokens", type=positive_int, default=1_000_000, help="per domain")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--json", action="store_true",
+                   help="print JSON instead of a table (with a \"checkpoint\" entry: its path and step)")
     p.add_argument("--json-out", default=None, help="also write the JSON to this file")
     p.add_argument("--quiet", action="store_true")
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from megareweight.checkpoint_io import load_model, run_tokenizer
+from megareweight.checkpoint_io import load_model, resolve_checkpoint, run_tokenizer
 from megareweight.data.corpus import SUFFIXES, corpus_suffix, iter_documents, list_domains
 from megareweight.data.mixture import IGNORE_INDEX, validation_batches
 from megareweight.data.shards import TokenShard
@@ -45,15 +45,19 @@ def evaluate_checkpoint(
     max_tokens: int = 1_000_000,
     progress: bool = True,
 ) -> dict[str, dict[str, float]]:
-    """{domain: {"loss", "perplexity", "tokens"}} plus an ``"average"`` row over domains."""
-    model, state = load_model(checkpoint)
-    tokenizer, eos_token = run_tokenizer(checkpoint, state, tokenizer)
+    """{domain: {"loss", "perplexity", "tokens"}}, an ``"average"`` row over domains and a
+    ``"checkpoint"`` entry {"path", "step"}: which checkpoint was scored (a run directory's newest
+    intact one, which is not the newest when that one is damaged and skipped with a warning)."""
+    ckpt = resolve_checkpoint(checkpoint)
+    model, state = load_model(ckpt)
+    tokenizer, eos_token = run_tokenizer(ckpt, state, tokenizer)
     tok = load_tokenizer(tokenizer, eos_token=eos_token)
     if tok.vocab_size != model.args.vocab_size:
         raise ValueError(f"tokenizer {tokenizer} has {tok.vocab_size} pieces, the model {model.args.vocab_size}")
     seq_len = seq_len or int(state["config"]["data"]["seq_len"])
     packing = state["config"]["data"].get("packing", "concat")
     results: dict[str, dict[str, float]] = {}
+    scored = {"path": str(ckpt), "step": int(state["step"])}
     for domain, path in _data_files(Path(data)).items():
         ids: list[int] = []
         ends = [0]
@@ -85,11 +89,17 @@ def evaluate_checkpoint(
     losses = [r["loss"] for r in results.values()]
     results["average"] = {"loss": float(np.mean(losses)), "perplexity": float(np.exp(np.mean(losses))),
                           "tokens": sum(r["tokens"] for r in results.values())}
+    results["checkpoint"] = scored  # type: ignore[assignment]
     return results
 
 
 def format_table(results: dict[str, dict[str, float]]) -> str:
-    lines = [f"{'domain':<16} {'loss':>8} {'ppl':>10} {'tokens':>10}"]
+    lines = []
+    if "checkpoint" in results:
+        lines.append(f"checkpoint {results['checkpoint']['path']} (step {results['checkpoint']['step']})")
+    lines.append(f"{'domain':<16} {'loss':>8} {'ppl':>10} {'tokens':>10}")
     for domain, r in results.items():
+        if domain == "checkpoint":
+            continue
         lines.append(f"{domain:<16} {r['loss']:>8.4f} {r['perplexity']:>10.2f} {int(r['tokens']):>10,}")
     return "\n".join(lines)

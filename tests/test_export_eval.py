@@ -46,11 +46,30 @@ def test_eval_command_on_jsonl(trained_run, corpus_dir, tmp_path, capsys):
     table = capsys.readouterr().out
     assert "perplexity" not in table and "ppl" in table and "prose" in table
     results = json.loads(out_json.read_text())
-    assert set(results) == {"code", "numbers", "prose", "average"}
+    assert set(results) == {"code", "numbers", "prose", "average", "checkpoint"}
+    assert results.pop("checkpoint") == {"path": str(trained_run / "checkpoints" / "step_00000004"), "step": 4}
     for row in results.values():
         assert row["perplexity"] == pytest.approx(torch.tensor(row["loss"]).exp().item(), rel=1e-6)
     assert main(["eval", "--checkpoint", str(trained_run), "--data", str(corpus_dir / "code.jsonl"), "--json"]) == 0
-    assert set(json.loads(capsys.readouterr().out.strip().splitlines()[-1])) == {"code", "average"}
+    assert set(json.loads(capsys.readouterr().out.strip().splitlines()[-1])) == {"code", "average", "checkpoint"}
+
+
+def test_eval_says_which_checkpoint_it_scored_also_after_skipping_a_damaged_one(prepared_dir, corpus_dir, tmp_path,
+                                                                                  capsys):
+    run = tmp_path / "run"
+    train(tiny_config(prepared_dir, train={"max_steps": 4, "checkpoint_interval": 2, "eval_interval": 0}), run,
+          progress=False)
+    code = str(corpus_dir / "code.jsonl")
+    assert main(["eval", "--checkpoint", str(run), "--data", code, "--quiet"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == f"checkpoint {run / 'checkpoints' / 'step_00000004'} (step 4)"
+    weights = run / "checkpoints" / "step_00000004" / "engine.pt"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, other content: only the checksum sees it
+    weights.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match="step_00000004"):
+        assert main(["eval", "--checkpoint", str(run), "--data", code, "--json", "--quiet"]) == 0
+    scored = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["checkpoint"]
+    assert scored == {"path": str(run / "checkpoints" / "step_00000002"), "step": 2}
 
 
 def test_eval_and_export_errors(tmp_path, capsys):
