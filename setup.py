@@ -6,9 +6,9 @@ folder (the design's layout) but are imported as `megareweight.kernels` through 
 transformers requires, and two packages with one import name shadow each other. `kernels/` has no
 `__init__.py`, so from the repository root `import kernels` still finds Hugging Face's.
 
-torch is pinned to one exact version: any looser spec makes pip pull the newest CUDA build
-(several GB) on machines where only the CPU wheel is wanted. Install torch first (the Makefile
-does) so that nothing here upgrades it.
+torch is a range (>= 2.11, the oldest tested), not a pin: a user's or a container's CUDA torch
+must stay. Without any torch, pip takes the newest CUDA build (several GB); the project's own CPU
+venv (`make install`) installs `torch==2.13.0` first, and constraints.txt locks it there.
 """
 import sys
 
@@ -17,7 +17,10 @@ from setuptools import find_namespace_packages, setup
 LINUX = sys.platform.startswith("linux")
 
 install_requires = [
-    "torch==2.13.0",
+    # A range, never a pin: a user's (or a container's) CUDA torch must not be replaced. 2.11 is
+    # the oldest tested (`make test-oldest`: the kernel tests with torch 2.11 + Triton 3.6); the
+    # project's own CPU venv pins 2.13.0 through constraints.txt. Older: a clear error at import.
+    "torch>=2.11,<3",
     "numpy>=1.26,<3",
     "sentencepiece>=0.2,<0.3",
     "tokenizers>=0.15,<1",  # Hugging Face tokenizer.json (prepare --tokenizer)
@@ -33,7 +36,7 @@ install_requires = [
     "deepspeed>=0.19.8,<0.20",
 ]
 if LINUX:
-    install_requires.append("triton>=3.3,<3.10")
+    install_requires.append("triton>=3.6,<3.10")  # 3.6: what torch 2.11 ships with (`make test-oldest`)
 
 setup(
     name="megareweight",

@@ -16,6 +16,8 @@
 #   DS_CONFIG (ds_configs/zero3_1.4b.json)   PEAK_TFLOPS (unset: the table for known GPUs)
 #   RESULTS_DIR (launch/results)   NUM_ACCELERATORS (every visible GPU)   MASTER_PORT (29500)
 #   KEEP_RUNS (unset: the run directories are removed)
+#   DEEPSPEED (deepspeed): the launcher command, e.g. "python3 -m deepspeed.launcher.runner" where
+#   DeepSpeed was installed without its console script (launch/gpu_check.sh does that)
 # A CPU smoke run of the whole script (seconds, numbers meaningless):
 #   DS_ACCELERATOR=cpu NUM_ACCELERATORS=1 SIZES=tiny STEPS=3 WARMUP=1 SEQ_LEN=32 MBS=2 COMPILE=false \
 #     LOSS_IMPL=chunked PRECISION=fp32 DS_CONFIG=ds_configs/zero3_cpu_tiny.json RESULTS_DIR=/tmp/bench \
@@ -49,7 +51,8 @@ for size in ${SIZES:-125m 1.4b}; do
     *)    mbs=${MBS:-8};       ckpt=${CKPT:-none} ;;
   esac
   out=$runs/$size
-  cmd=(deepspeed --num_accelerators "$NUM_ACCELERATORS" --master_port "${MASTER_PORT:-29500}"
+  read -r -a launcher <<< "${DEEPSPEED:-deepspeed}"
+  cmd=("${launcher[@]}" --num_accelerators "$NUM_ACCELERATORS" --master_port "${MASTER_PORT:-29500}"
        --module megareweight.train --config megareweight/configs/1.4b_linupper.yaml
        --deepspeed "$ds_config" --out "$out" --quiet
        --set model.size="$size" --set model.activation_checkpointing="$ckpt"

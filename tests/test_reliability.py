@@ -377,3 +377,32 @@ def test_a_full_disk_under_wandb_offline_ends_in_one_line(prepared_dir, tmp_path
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [
         "megareweight: error: [Errno 28] No space left on device: 'checkpoints/step_00000002'"], done.stderr[-3000:]
+
+
+def test_gpu_check_plan_fits_the_window_and_a_cpu_smoke_run_writes_flat_files(prepared_dir, tmp_path):
+    """``launch/gpu_check.sh --plan`` needs no GPU and promises under 8 minutes; the whole script,
+    run on the CPU with tiny settings (GPU_CHECK_SMOKE=1), writes at most 8 flat files with every
+    stage ok: what a short GPU window brings back."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHON": sys.executable}
+    plan = subprocess.run([str(root / "launch" / "gpu_check.sh"), "--plan"], capture_output=True, text=True, env=env)
+    assert plan.returncode == 0, plan.stderr
+    limit = int(plan.stdout.split("total")[1].split("limit")[1].split()[0])
+    assert limit <= 480, plan.stdout
+    bundle = tmp_path / "bundle"
+    (bundle / "wheels").mkdir(parents=True)
+    (bundle / "prepared32k").symlink_to(prepared_dir)
+    out = tmp_path / "out"
+    run = subprocess.run([str(root / "launch" / "gpu_check.sh"), str(out), str(bundle)], capture_output=True, text=True,
+                         env={**env, "GPU_CHECK_SMOKE": "1", "MASTER_PORT": "29617"}, timeout=900)
+    files = sorted(p.name for p in out.iterdir())
+    assert run.returncode == 0, (run.stdout[-3000:], run.stderr[-2000:])
+    assert len(files) <= 8 and all((out / f).is_file() for f in files), files
+    assert {"gpu_check.json", "gpu_check.log", "kernels_bench.json", "kernels_bench.csv", "train_bench.json"} <= set(files)
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert report["smoke"] and all(v["status"] == "ok" for v in report["stages"].values()), report["stages"]
+    assert report["env"]["torch"] and len(report["train"]) >= 1

@@ -13,6 +13,13 @@ out like a Liger-Kernel op:
 * ``triton_kernels.py`` the Triton kernels (imported only when the Triton epilogue is used);
 * ``bench.py``          ``python -m megareweight.kernels.bench``; the AOT check is ``python -m megareweight.kernels.aot``.
 """
+import torch as _torch
+
+#: The oldest torch setup.py declares (and `make test-oldest` tests, with Triton 3.6).
+MIN_TORCH = (2, 11)
+if tuple(int(x) for x in _torch.__version__.split("+")[0].split(".")[:2]) < MIN_TORCH:
+    raise ImportError(f"megareweight needs torch >= {MIN_TORCH[0]}.{MIN_TORCH[1]}, found {_torch.__version__}")
+
 from megareweight.kernels.weighted_ce.function import EPILOGUES, MODES, fused_linear_weighted_ce
 from megareweight.kernels.weighted_ce.impls import LOSS_IMPLS, get_loss_impl, triton_available
 from megareweight.kernels.weighted_ce.reference import LossOutput

@@ -317,7 +317,7 @@ def run(out_dir: Path, quick: bool, argv: list[str], shapes: Optional[list[tuple
 
 def peak_rss_mib(name: str, n: int, d: int, v: int, dtype: torch.dtype) -> Optional[float]:
     """CPU peak memory of one forward+backward of ``name``: a fresh process builds the inputs,
-    then runs it once; the growth of its resident-set high-water mark (``ru_maxrss``) is the
+    then runs it once; the growth of its resident-set high-water mark (Linux ``VmHWM``) is the
     peak above the inputs (the CPU allocator keeps no statistics of its own)."""
     probe = subprocess.run([sys.executable, "-m", "megareweight.kernels.weighted_ce.bench", "--rss-probe",
                             f"{name},{n},{d},{v},{str(dtype).replace('torch.', '')}"],
@@ -328,18 +328,25 @@ def peak_rss_mib(name: str, n: int, d: int, v: int, dtype: torch.dtype) -> Optio
         return None
 
 
-def _rss_probe(spec: str) -> None:
-    import resource
+def _vm_hwm_mib() -> float:
+    """This process's resident-set high-water mark. Not ``ru_maxrss``: that survives ``exec`` and
+    so starts at the parent's size in a child process."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise OSError("no VmHWM in /proc/self/status")
 
+
+def _rss_probe(spec: str) -> None:
     name, n, d, v, dtype = spec.split(",")
     torch.set_num_threads(1)
     fn = implementations(quick=True, on_cuda=False)[name]
     hidden, weight, labels = make_inputs(int(n), int(d), int(v), getattr(torch, dtype), torch.device("cpu"))
     hidden.requires_grad_()
     weight.requires_grad_()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = _vm_hwm_mib()
     fn(hidden, weight, labels, STRATEGY, R).backward()
-    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+    print(_vm_hwm_mib() - before)
 
 
 def _run(out_dir: Path, quick: bool, argv: list[str], shapes, cpu_memory: bool = False,
