@@ -78,9 +78,12 @@ def run_group(commands: Sequence[Sequence[str]], port: int, timeout: float, log:
         cleanup_shm(port)
 
 
-def deepspeed_train(config: Path, ds_json: Path, out: Path, nproc: int, *extra: str, timeout: float = 240,
+def deepspeed_train(config: Path, ds_json: Path, out: Path, nproc: int, *extra: str, timeout: float = 600,
                     env: Optional[dict[str, str]] = None) -> None:
-    """``deepspeed --num_accelerators N --module megareweight.train ...`` on this machine (exit 0 required)."""
+    """``deepspeed --num_accelerators N --module megareweight.train ...`` on this machine (exit 0 required).
+
+    The default timeout is generous: the first launch in a fresh venv JIT-compiles DeepSpeed's CPU
+    ops with g++ (minutes on a loaded 2-core machine); it only has to catch a hang."""
     port = free_port()
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_accelerators", str(nproc),
            "--master_port", str(port), "--module", "megareweight.train",
