@@ -12,5 +12,8 @@ config=$1 ds_config=$2 out=$3; shift 3
 : "${HOSTFILE:?set HOSTFILE (lines: 'hostname slots=GPUS')}"
 : "${MASTER_ADDR:?set MASTER_ADDR to the first host's address}"
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}
+# cuBLAS picks reduction schemes per stream from its workspace; a fixed workspace config makes its
+# GEMMs bitwise repeatable (README "Determinism"). Costs a few MB per stream.
+export CUBLAS_WORKSPACE_CONFIG=${CUBLAS_WORKSPACE_CONFIG:-:4096:8}
 exec deepspeed --hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" --master_port "${MASTER_PORT:-29500}" \
   --module megareweight.train --config "$config" --deepspeed "$ds_config" --out "$out" "$@"

@@ -13,5 +13,8 @@ if [ -z "${NUM_ACCELERATORS:-}" ]; then
 fi
 # The JIT-built DeepSpeed ops are cached across runs.
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}
+# cuBLAS picks reduction schemes per stream from its workspace; a fixed workspace config makes its
+# GEMMs bitwise repeatable (README "Determinism"). Costs a few MB per stream.
+export CUBLAS_WORKSPACE_CONFIG=${CUBLAS_WORKSPACE_CONFIG:-:4096:8}
 exec deepspeed --num_accelerators "$NUM_ACCELERATORS" --master_port "${MASTER_PORT:-29500}" \
   --module megareweight.train --config "$config" --deepspeed "$ds_config" --out "$out" "$@"

@@ -23,8 +23,12 @@ On paper at N=16384, D=4096, V=128256, bf16 on an H100 (989 TF/s dense, 3.35 TB/
 
 | mode | GEMM FLOPs | GEMM floor | epilogue HBM bytes | epilogue floor | extra memory |
 |---|---|---|---|---|---|
-| fast | 6NDV = 51.6 T | 52.2 ms | 12.6 GB fwd (z read twice, G written once) + H/U streams < 1 GB | 3.8 ms | G 4.2 GB + U 0.27 GB |
+| fast | 6NDV = 51.6 T | 52.2 ms | 12.6 GB fwd (z read twice, G written once) + ~2.3 GB bwd in PyTorch ops (c ⊙ U, c ⊙ H in fp32, casts) | 4.5 ms | G 4.2 GB + U 0.27 GB, and ~0.5 GB of fp32 transients (c ⊙ U, c ⊙ H) in the backward |
 | lean | 8NDV = 68.9 T | 69.6 ms | 4.2 GB fwd + 8.4 GB bwd (read z, write G*c) | 3.8 ms | one 0.5 GiB block + dH fp32 0.27 GB |
+
+The GEMM floors are at the datasheet's 989 TF/s; at a realistic cuBLAS rate (~700 TF/s, what an
+8k^3 bf16 product reaches on the lent H100/H200) and this chunking, expect ~80 ms (fast) and
+~105 ms (lean) for forward + backward, epilogues included.
 
 The forward (deliverable 2 of issue 9) is a cuBLAS GEMM per token chunk + a Triton LSE/target
 epilogue rather than one Triton kernel on 2-D (128 x 256) tiles with a split-V LSE merge. On paper
