@@ -54,7 +54,7 @@ def yaml_load(text: str) -> Any:
 
 
 ModelSize = Literal["tiny", "small", "125m", "1.4b", "7b"]
-LossImpl = Literal["auto", "fused", "chunked", "reference"]
+LossImpl = Literal["auto", "fused", "chunked", "reference", "torch_core"]
 LossMode = Literal["auto", "fast", "lean"]
 WandbMode = Literal["offline", "online", "disabled"]
 WarmupMode = Literal["uniform", "temperature"]

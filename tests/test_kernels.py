@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from megareweight.kernels import weighted_ce as kernels
-from megareweight.kernels.weighted_ce import impls
+from megareweight.kernels.weighted_ce import impls, torch_core
 from megareweight.kernels.weighted_ce.reference import linear_weighted_ce as reference_ce
 from megareweight.kernels.weighted_ce import function as F
 
@@ -202,6 +202,25 @@ def test_labels_outside_the_vocabulary_fail(impl, bad):
     labels[0, 2] = bad
     with pytest.raises(RuntimeError, match=r"labels: a label is outside \[0, 37\) and is not ignore_index=-100"):
         fn(hidden, weight, labels)
+
+
+@pytest.mark.skipif(not torch_core.available(), reason="torch < 2.13 has no F.linear_cross_entropy")
+@pytest.mark.parametrize("strategy,prior", [("linupper", None), ("quadratic", None), ("domain", [0.0, 1.0, -0.5, 0.2])])
+def test_torch_core_impl_matches_reference(strategy, prior):
+    """loss.impl=torch_core: PyTorch's F.linear_cross_entropy + the same reweighting gives the
+    reference's loss, per-sample losses, weights, dH and dW (fp32, an empty row, ignored tokens)."""
+    hidden, weight, labels = make_batch(4, 6, 24, 37, seed=9)
+    kw = {"strategy": strategy, "r": 0.4}
+    if prior is not None:
+        kw["sample_log_prior"] = torch.tensor(prior)
+    compare(torch_core.linear_weighted_ce_torch_core, hidden, weight, labels, torch.float32, **kw)
+    name, fn = kernels.get_loss_impl("torch_core", "cpu")
+    assert name == "torch_core" and fn is torch_core.linear_weighted_ce_torch_core
+    with pytest.raises(ValueError, match="loss.z_loss: not available with loss.impl=torch_core"):
+        kernels.get_loss_impl("torch_core", "cpu", z_loss=1e-4)
+    labels[0, 0] = 37
+    with pytest.raises(RuntimeError, match="labels: a label is outside"):
+        torch_core.linear_weighted_ce_torch_core(hidden, weight, labels)
 
 
 def test_z_loss_coefficient_is_validated():
@@ -385,7 +404,7 @@ def test_get_loss_impl():
     if kernels.triton_available():
         assert kernels.get_loss_impl("auto", torch.device("cuda"))[0] == "fused"
         assert kernels.get_loss_impl("fused", "cpu")[1].keywords["epilogue"] == "triton"
-    with pytest.raises(ValueError, match="auto, fused, chunked, reference"):
+    with pytest.raises(ValueError, match="auto, fused, chunked, reference, torch_core"):
         kernels.get_loss_impl("triton", "cpu")
     assert kernels.LossOutput._fields == ("loss", "per_sample_loss", "weights", "z_loss")
 

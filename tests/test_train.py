@@ -260,3 +260,12 @@ def test_wandb_dir_pointing_at_a_file_is_refused_naming_the_key(prepared_dir, tm
         with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
             train(cfg, tmp_path / "run", progress=False)
         assert not (tmp_path / "run").exists()
+
+
+def test_training_with_pytorchs_core_linear_cross_entropy(prepared_dir, tmp_path):
+    """loss.impl=torch_core trains through the whole loop (its loss matches the reference's in
+    tests/test_kernels.py) and says so in the summary."""
+    cfg = tiny_config(prepared_dir, train={"max_steps": 2, "eval_interval": 0}, loss={"impl": "torch_core"},
+                      reweight={"strategy": "linupper", "r": 0.4})
+    result = train(cfg, tmp_path / "core", progress=False)
+    assert result.loss_impl == "torch_core" and len(_metrics(tmp_path / "core")) == 2

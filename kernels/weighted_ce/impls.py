@@ -7,6 +7,8 @@ implementations of its elementwise part; ``loss.impl`` picks one of:
 * ``fused``     – Triton epilogue kernels (CUDA; CPU only under ``TRITON_INTERPRET=1``);
 * ``chunked``   – PyTorch elementwise epilogue (the CPU training path);
 * ``reference`` – plain autograd, materialises [N, V] logits (ground truth for tests);
+* ``torch_core`` – PyTorch's chunked ``F.linear_cross_entropy`` (torch >= 2.13) + the same
+  reweighting in autograd: the core op as a baseline to train and compare with;
 * ``auto``      – ``fused`` on CUDA when Triton is importable, else ``chunked``.
 
 Triton is imported lazily so that ``import megareweight.kernels.weighted_ce`` works where it is missing (macOS) and so that
@@ -23,7 +25,7 @@ import torch
 from megareweight.kernels.weighted_ce.function import MODES, check_options, fused_linear_weighted_ce
 from megareweight.kernels.weighted_ce.reference import LossOutput
 
-LOSS_IMPLS = ("auto", "fused", "chunked", "reference")
+LOSS_IMPLS = ("auto", "fused", "chunked", "reference", "torch_core")
 
 
 def triton_available() -> bool:
@@ -51,6 +53,15 @@ def get_loss_impl(
         from megareweight.kernels.weighted_ce.reference import linear_weighted_ce
 
         return name, (functools.partial(linear_weighted_ce, z_loss=z_loss) if z_loss else linear_weighted_ce)
+    if name == "torch_core":
+        from megareweight.kernels.weighted_ce import torch_core
+
+        if z_loss:
+            raise ValueError("loss.z_loss: not available with loss.impl=torch_core (F.linear_cross_entropy does not "
+                             "expose the log-sum-exp); use fused, chunked or reference")
+        if not torch_core.available():
+            raise RuntimeError(f"loss.impl=torch_core needs torch >= 2.13; this is {torch.__version__}")
+        return name, torch_core.linear_weighted_ce_torch_core
     if name == "fused" and not triton_available():
         raise RuntimeError("loss.impl=fused needs the triton package; use 'chunked' or 'reference'")
     epilogue = "triton" if name == "fused" else "torch"

@@ -190,11 +190,24 @@ def linear_weighted_ce(
     flat = labels.reshape(-1)
     valid = flat != ignore_index
     token_losses = F.cross_entropy(logits, torch.where(valid, flat, torch.zeros_like(flat)), reduction="none")
+    z_tokens = z_loss * torch.logsumexp(logits, dim=1).square() if z_loss else None
+    return reweight_token_losses(token_losses, labels, valid, strategy, r, delta, group, segment_ids, num_segments,
+                                 sample_log_prior, z_tokens)
+
+
+def reweight_token_losses(token_losses: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, strategy: str,
+                          r: float, delta: float, group: Optional[dist.ProcessGroup],
+                          segment_ids: Optional[torch.Tensor], num_segments: Optional[int],
+                          sample_log_prior: Optional[torch.Tensor] = None,
+                          z_tokens: Optional[torch.Tensor] = None) -> LossOutput:
+    """Per-token losses (with autograd) -> per-sample means -> global weights -> the weighted loss;
+    the autograd tail shared by the reference and ``loss.impl=torch_core``. ``z_tokens``: the
+    per-token z-loss, weighted like the loss, left out of the weights."""
     index, n = sample_index(labels, segment_ids, num_segments)
     losses, counts = per_sample_ce(token_losses, valid, index, n)
     z_mean = None
-    if z_loss:
-        z_mean, _ = per_sample_ce(z_loss * torch.logsumexp(logits, dim=1).square(), valid, index, n)
+    if z_tokens is not None:
+        z_mean, _ = per_sample_ce(z_tokens, valid, index, n)
     out = weighted_loss(losses, strategy, r, group=group, delta=delta, mask=counts > 0, log_prior=sample_log_prior,
                         extra=z_mean)
     empty = torch.full_like(losses, float("nan"))
