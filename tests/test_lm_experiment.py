@@ -120,3 +120,43 @@ def test_progress_pairs_an_unfinished_run_with_the_finished_uniform_run_of_its_s
     text = lm.progress_note(tmp_path)
     assert "| linupper_r0.4-seed0 | 100 of" in text and "+0.0200 / -0.0200 (step 100)" in text
     assert "uniform-seed0" not in text  # finished: a result, not progress
+
+
+def _controls_runs(shift: dict[str, float], jitter: float = 0.002) -> dict:
+    """Five seeds of every controls method; final losses = 3 + shift + seed noise (alternating sign)."""
+    runs = {}
+    for method, s in shift.items():
+        for seed in range(5):
+            runs[method, seed] = _run(method, seed, s + jitter * (-1) ** (seed + len(method)) * (seed % 3))
+    return runs
+
+
+def test_controls_verdicts_follow_the_rules_fixed_before_the_runs(lm):
+    """Issue 21's decision rules: C recovering B's gain is 'domain-level'; B beating C is
+    'instance-level adds'; the best LinUpper against the best uniform decides the step-size question."""
+    exp = lm.CONTROLS
+    domain_level = _controls_runs({"uniform": 0.0, "linupper_r0.4": -0.05, "domain_shares": -0.05,
+                                   "uniform_lr6e-3": -0.02, "linupper_r0.4_lr1.5e-3": -0.01})
+    v = lm.analyse(domain_level, exp)["verdicts"]
+    assert v["domain-level or instance-level (held-out)"].startswith("domain-level")
+    assert v["step size (held-out)"].startswith("LinUpper survives the learning-rate control")
+    instance = _controls_runs({"uniform": 0.0, "linupper_r0.4": -0.05, "domain_shares": -0.01,
+                               "uniform_lr6e-3": -0.05, "linupper_r0.4_lr1.5e-3": 0.01})
+    v = lm.analyse(instance, exp)["verdicts"]
+    assert v["domain-level or instance-level (held-out)"].startswith("instance-level adds")
+    assert v["step size (held-out)"].startswith("step size")  # uniform at 6e-3 catches up with LinUpper
+    assert lm.best_lr(instance, ("uniform", "uniform_lr6e-3")) == "uniform_lr6e-3"
+    partial = {k: r for k, r in instance.items() if k[1] < 3}
+    assert set(lm.analyse(partial, exp)["verdicts"].values()) == {"pending"}
+    text = lm.markdown(lm.analyse(instance, exp), instance, exp)
+    assert "linupper_r0.4 vs domain_shares (B - C)" in text and "## Verdicts" in text
+
+
+def test_weight_share_summary_averages_post_warmup_steps_and_bins(lm):
+    steps = [{"step": i, "weight_ess": 32.0 if i <= lm.WARMUP_STEPS else 20.0,
+              "weight_share/math": 0.25 if i <= lm.WARMUP_STEPS else 0.1, "weight_share/books": 0.75 if i <= lm.WARMUP_STEPS else 0.9}
+             for i in range(1, 301)]
+    summary = lm.weight_share_summary(steps)
+    assert summary["weight_share_post_warmup"] == pytest.approx({"books": 0.9, "math": 0.1})
+    assert summary["weight_ess_post_warmup"] == pytest.approx(20.0)
+    assert len(summary["weight_share_curve"]) == 300 // lm.SHARE_BIN and summary["weight_share_curve"][0]["math"] == 0.25
