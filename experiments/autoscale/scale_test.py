@@ -156,7 +156,10 @@ def mde_paired(sd: float, n: int, power: float = 0.8, alpha: float = 0.05) -> fl
     """Smallest true mean difference the paired t-test detects with ``power`` (two-sided ``alpha``)."""
     from scipy.optimize import brentq
 
-    return float(brentq(lambda e: power_paired(e, sd, n, alpha) - power, 1e-12 * sd, 10 * sd))
+    high = sd
+    while power_paired(high, sd, n, alpha) < power:     # 2 seeds need ~20 sd; 10 seeds ~1 sd
+        high *= 2
+    return float(brentq(lambda e: power_paired(e, sd, n, alpha) - power, 1e-12 * sd, high))
 
 
 def ratio_interval(ratios: Sequence[float]) -> dict[str, Any]:
@@ -857,6 +860,9 @@ def analyse_condition(rec: dict[str, Any], design: Design) -> Optional[dict[str,
             cmp["verdict"] = verdict(cmp["objective_relative"], cmp["speed_ratio"],
                                      gain if other == "uniform" and arm in ("b2_optimum", "extrapolated") else None,
                                      other)
+            if all(dirs[f"{arm}-seed{s}"] == dirs[f"{other}-seed{s}"] for s in seeds):
+                cmp["verdict"] = f"the same mixture as {other} (every domain frozen or equal): the same runs, no comparison"
+                cmp["identical"] = True
             entry[f"vs_{other}"] = cmp
         out["arms"][arm] = entry
     return out
