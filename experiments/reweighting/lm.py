@@ -228,23 +228,12 @@ def is_finished(out: Path, cfg: dict[str, Any]) -> bool:
 
 
 def code_snapshot(work: Path, commit: str = CODE_COMMIT) -> Path:
-    """``git archive`` of ``megareweight/`` and ``kernels/`` at ``commit`` under ``work`` (once;
-    from 852325a on, ``megareweight/kernels`` is a link to ``kernels/`` and the archive keeps it)."""
-    root = work / f"code-{commit[:12]}"
-    if (root / ".complete").is_file():
-        return root
-    tmp = work / f".code-{commit[:12]}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    archive = subprocess.run(["git", "archive", "--format=tar", commit, "megareweight", "kernels"], cwd=REPO,
-                             capture_output=True, check=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True)
-    (tmp / ".complete").write_text(commit + "\n")
-    if root.exists():
-        shutil.rmtree(root)
-    tmp.rename(root)
-    return root
+    """The pinned code under ``work`` (:func:`experiments/code_snapshot.py <code_snapshot.code_snapshot>`)."""
+    if str(REPO / "experiments") not in sys.path:
+        sys.path.insert(0, str(REPO / "experiments"))
+    from code_snapshot import code_snapshot as snapshot
+
+    return snapshot(REPO, work, commit)
 
 
 def trainer_alive(out: Path) -> bool:
