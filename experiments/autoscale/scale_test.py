@@ -433,11 +433,13 @@ def cmd_design(args: argparse.Namespace) -> int:
 
 def code_snapshot(work: Path, commit: str = CODE_COMMIT) -> Path:
     """The pinned code under ``work`` (:func:`experiments/code_snapshot.py <code_snapshot.code_snapshot>`)."""
-    if str(REPO / "experiments") not in sys.path:
-        sys.path.insert(0, str(REPO / "experiments"))
-    from code_snapshot import code_snapshot as snapshot
+    import importlib.util
 
-    return snapshot(REPO, work, commit)
+    # loaded from its file under a private name: the project claims no top-level import but megareweight
+    spec = importlib.util.spec_from_file_location("_megareweight_code_snapshot", REPO / "experiments" / "code_snapshot.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.code_snapshot(REPO, work, commit)
 
 
 def _pin(work: Path) -> None:
