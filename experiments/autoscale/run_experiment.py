@@ -47,7 +47,8 @@ from megareweight.autoscale.plan import groups  # noqa: E402
 from megareweight.config import config_from_dict, dump_config, load_config  # noqa: E402
 from megareweight.mixing import run_objective, t_interval  # noqa: E402
 
-CORPUS = Path("/work/shared/corpus")
+#: the built-in corpus in the shared folder beside the checkout (``../shared/corpus``, as in the Makefile)
+CORPUS = Path(__file__).resolve().parents[3] / "shared" / "corpus"
 # The code the training subprocesses run: the checkout this script imported megareweight from (as
 # working directory AND PYTHONPATH: `python -m` puts the working directory first on sys.path, so a
 # run started from another checkout's root would silently train with that checkout's code).

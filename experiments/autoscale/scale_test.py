@@ -68,7 +68,8 @@ if not os.environ.get(PINNED_ENV) and str(REPO) not in sys.path:
 
 #: The commit whose ``megareweight`` (and ``kernels``) prepares, plans, trains, fits and extrapolates.
 CODE_COMMIT = "977458e92cbd866dea4d1374efc0f704d3799cac"
-CORPUS = Path("/work/shared/corpus")
+#: the built-in corpus in the shared folder beside the checkout (``../shared/corpus``, as in the Makefile)
+CORPUS = REPO.parent / "shared" / "corpus"
 DOMAINS = ["books", "code", "dictionary", "legal", "math"]
 LARGE = "dictionary"
 KEEP_FRACTION = 0.05

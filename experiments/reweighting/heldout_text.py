@@ -2,7 +2,7 @@
 """Build the LM experiment's untouched held-out text: Debian's ``fortunes`` package as JSONL.
 
 Why this package: the LM experiment needs text that no one tuned anything on, from none of the six
-built-in domains' sources (``/work/shared/corpus/README.md``: Shakespeare/KJV, CPython and Linux
+built-in domains' sources (``../shared/corpus/README.md``: Shakespeare/KJV, CPython and Linux
 sources, Linux/Python docs, licences, dictionaries, Metamath/PARI). The ``fortunes`` cookie files
 are short English prose, verse, quotations and jokes on many topics (2.5 MB of text in about
 15,000 cookies): a different register from every training domain, small enough to score in

@@ -9,7 +9,7 @@ Design (fixed before any result was seen; nothing here was tuned on the outcome)
 
 * model: LLaMA-style, ``model.size=small`` with d_model 192, 4 layers, 6 heads (head dim 32),
   SwiGLU width 512, tied embeddings, vocabulary 4096 -> 2,557,632 parameters;
-* data: the six built-in domains (``/work/shared/corpus``), one 4096-piece BPE tokenizer trained on
+* data: the six built-in domains (``../shared/corpus``), one 4096-piece BPE tokenizer trained on
   them; trained on books, code, legal and math with a uniform mixture; dictionary and techdocs are
   held out (never trained on), like the demo; plus Debian's ``fortunes`` (``heldout_text.py``),
   which neither the tokenizer nor anyone's choices ever saw, scored with each run's tokenizer;
@@ -65,7 +65,8 @@ from megareweight.stats import mean_ci, mean_ci_bands, paired_diff  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_WORK = REPO / "runs" / "reweighting_lm"
-DEFAULT_CORPUS = Path("/work/shared/corpus")
+#: the built-in corpus in the shared folder beside the checkout (``../shared/corpus``, as in the Makefile)
+DEFAULT_CORPUS = REPO.parent / "shared" / "corpus"
 TRAIN_DOMAINS = ["books", "code", "legal", "math"]
 HELDOUT_DOMAINS = ["dictionary", "techdocs"]
 EXTERNAL = "fortunes"
