@@ -160,3 +160,23 @@ def test_weight_share_summary_averages_post_warmup_steps_and_bins(lm):
     assert summary["weight_share_post_warmup"] == pytest.approx({"books": 0.9, "math": 0.1})
     assert summary["weight_ess_post_warmup"] == pytest.approx(20.0)
     assert len(summary["weight_share_curve"]) == 300 // lm.SHARE_BIN and summary["weight_share_curve"][0]["math"] == 0.25
+
+
+def test_phase_shares_average_only_the_bins_inside_each_post_warmup_phase(lm):
+    """The drift table that bounds a time-varying domain schedule: warm-up bins are left out and a
+    bin counts in the phase that holds all of its steps."""
+    def curve(math_by_phase):
+        rows = []
+        for end in range(lm.SHARE_BIN, 1501, lm.SHARE_BIN):
+            phase = next((i for i, (lo, hi) in enumerate(lm.SHARE_PHASES) if lo <= end - lm.SHARE_BIN + 1 and end <= hi), None)
+            math = 0.25 if phase is None else math_by_phase[phase]
+            rows.append({"step": end, "ess": 30.0, **{d: (1 - math) / 3 for d in lm.TRAIN_DOMAINS}, "math": math})
+        return rows
+    runs = {(lm.SHARES_FROM, 0): {"weight_share_curve": curve([0.10, 0.12, 0.14])},
+            (lm.SHARES_FROM, 1): {"weight_share_curve": curve([0.20, 0.12, 0.16])},
+            ("uniform", 0): {"weight_share_curve": curve([0.9, 0.9, 0.9])}}
+    lines = lm.phase_share_lines(runs)
+    table = [line for line in lines if line.startswith("| 1") or line.startswith("| 5")]
+    assert [line.split(" | ")[0] for line in table] == ["| 151-500", "| 501-1000", "| 1001-1500"]
+    assert [float(line.strip(" |").split(" | ")[-1]) for line in table] == pytest.approx([0.15, 0.12, 0.15])
+    assert "2 seed(s)" in lines[0]

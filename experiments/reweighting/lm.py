@@ -730,6 +730,26 @@ def share_lines(runs: dict[tuple[str, int], dict[str, Any]], exp: Experiment) ->
     if per_seed:
         lines += ["", f"Domain weights of `domain_shares` per seed (= {SHARES_FROM}'s mean shares of that seed):", ""]
         lines += [f"- seed {s}: " + ", ".join(f"{d} {w[d]:.4f}" for d in TRAIN_DOMAINS) for s, w in per_seed]
+    return lines + [""] + phase_share_lines(runs)
+
+
+#: training phases after the warm-up (aligned with ``SHARE_BIN``) for the drift of the shares
+SHARE_PHASES = ((WARMUP_STEPS + 1, 500), (501, 1000), (1001, 1500))
+
+
+def phase_share_lines(runs: dict[tuple[str, int], dict[str, Any]]) -> list[str]:
+    """``SHARES_FROM``'s shares per training phase (mean over seeds): the domain-constant arm holds
+    their overall mean fixed, so how far they drift bounds what a time-varying *domain* schedule
+    could add that the constant arm lacks (a rival explanation the constant arm does not cover)."""
+    curves = [r["weight_share_curve"] for (m, _), r in sorted(runs.items())
+              if m == SHARES_FROM and r.get("weight_share_curve")]
+    if not curves:
+        return []
+    lines = [f"{SHARES_FROM}'s shares by training phase (50-step bins, mean over its {len(curves)} seed(s)):", "",
+             "| steps | " + " | ".join(TRAIN_DOMAINS) + " |", "|---|" + "---|" * len(TRAIN_DOMAINS)]
+    for lo, hi in SHARE_PHASES:
+        rows = [row for c in curves for row in c if lo <= row["step"] - SHARE_BIN + 1 and row["step"] <= hi]
+        lines.append(f"| {lo}-{hi} | " + " | ".join(f"{np.mean([row[d] for row in rows]):.3f}" for d in TRAIN_DOMAINS) + " |")
     return lines + [""]
 
 
