@@ -745,7 +745,7 @@ def phase_share_lines(runs: dict[tuple[str, int], dict[str, Any]]) -> list[str]:
               if m == SHARES_FROM and r.get("weight_share_curve")]
     if not curves:
         return []
-    lines = [f"{SHARES_FROM}'s shares by training phase (50-step bins, mean over its {len(curves)} seed(s)):", "",
+    lines = [f"{SHARES_FROM}'s shares by training phase ({SHARE_BIN}-step bins, mean over its {len(curves)} seed(s)):", "",
              "| steps | " + " | ".join(TRAIN_DOMAINS) + " |", "|---|" + "---|" * len(TRAIN_DOMAINS)]
     for lo, hi in SHARE_PHASES:
         rows = [row for c in curves for row in c if lo <= row["step"] - SHARE_BIN + 1 and row["step"] <= hi]
