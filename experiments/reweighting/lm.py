@@ -821,10 +821,11 @@ def plot(runs: dict[tuple[str, int], dict[str, Any]], analysis: dict[str, Any], 
     ax.set_yticks(range(len(labels)))
     ax.set_yticklabels(labels[::-1])
     ax.set_xlabel("final loss difference b - a (nats/token), paired by seed, 95 % t-interval")
-    ax.set_title("paired differences (left of 0: the second-named method better)" if exp is not MAIN
+    ax.set_title("paired differences (left of 0: the first-named method lower = better)" if exp is not MAIN
                  else "LinUpper - uniform (left of 0: LinUpper better)")
     ax.grid(alpha=0.3, axis="x")
-    ax.legend(fontsize=8)
+    # below the axes: inside, the legend hid the lowest rows' intervals
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08 - 0.3 / len(labels)), ncol=2)
     fig.tight_layout()
     diffs_png = out / exp.file("lm_differences.png")
     fig.savefig(diffs_png, dpi=110)
