@@ -116,3 +116,54 @@ def test_build_skewed_corpus_same_bytes_twice(st, tmp_path):
     assert a["domains"]["big"]["kept_documents"] == 200
     assert a["domains"]["small"]["kept_documents"] < 40
     assert (tmp_path / "a" / "small.jsonl").read_bytes() == (tmp_path / "b" / "small.jsonl").read_bytes()
+
+
+_RUNNER = """
+import sys
+from pathlib import Path
+import scale_test as st
+work = Path(sys.argv[1])
+jobs = [(work / f"run{k}.yaml", work / "cond" / f"run{k}") for k in range(3)]
+runner = st.Runner(work, st.Recorder(work / "report", st.SMOKE, False, True), jobs=1, threads=1)
+runner.train("cond", jobs)
+"""
+
+
+def test_sigterm_to_the_runner_stops_its_workers_and_the_rerun_continues(prepared_dir, tmp_path):
+    """``kill <runner pid>`` (not the process group): the running run checkpoints, the queued
+    runs do not start, no worker outlives the runner, and the same command then finishes all."""
+    import os
+    import signal
+    import subprocess
+
+    from megareweight.config import dump_config
+    from megareweight.train import checkpoint as ckpt
+    from tests._launch import wait_for_metrics
+    from tests.conftest import tiny_config
+
+    for k in range(3):
+        dump_config(tiny_config(prepared_dir, train={"max_steps": 60, "eval_interval": 0, "checkpoint_interval": 0,
+                                                     "seed": k}), tmp_path / f"run{k}.yaml")
+    cmd = [sys.executable, "-c", _RUNNER, str(tmp_path)]
+    # the spawned workers unpickle scale_test._train_worker, so the script's folder is on their path
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "experiments" / "autoscale")])}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_metrics(tmp_path / "cond" / "run0", 3, proc)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1 and "stopped by SIGTERM" in out, out
+    run0 = tmp_path / "cond" / "run0"
+    assert ckpt.find_latest(run0 / "checkpoints") is not None and not (run0 / "summary.json").exists(), out
+    assert not (tmp_path / "cond" / "run1" / "metrics.jsonl").exists(), out
+    assert not (tmp_path / "cond" / "run2").exists(), out
+    assert "run1: stopped before it started" in out, out
+
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    recorded = json.loads((tmp_path / "report" / "results.json").read_text())["conditions"]["cond"]["runs"]
+    assert sorted(recorded) == ["run0", "run1", "run2"]
+    assert [json.loads(x)["step"] for x in (run0 / "metrics.jsonl").read_text().splitlines()] == list(range(1, 61))

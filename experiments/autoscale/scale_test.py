@@ -49,6 +49,7 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -460,13 +461,36 @@ def machine() -> str:
     return f"{platform.machine()} {os.cpu_count()}-core CPU, no GPU, Python {platform.python_version()}"
 
 
+#: set in a pool worker once a stop signal reached it: the runs still queued to it are not started
+_WORKER_STOPPING = False
+
+
+def _note_stop(signum: int, _frame: Any) -> None:
+    global _WORKER_STOPPING
+    _WORKER_STOPPING = True
+
+
+def _worker_init() -> None:
+    """Pool worker start-up. Why: ``ProcessPoolExecutor`` hands each worker a run or two ahead,
+    and cancelling in the parent cannot take those back; a worker told to stop (between runs, or
+    inside one, where the trainer's own handler checkpoints) must not start them."""
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(signum, _note_stop)
+
+
 def _train_worker(config_path: str, out: str, threads: int) -> str:
-    """Train (or resume) one run in this worker process; ``"locked"`` if another process has it."""
+    """Train (or resume) one run in this worker process. Returns ``"locked"`` if another process
+    has it, ``"stopped ..."`` if a signal stopped it (checkpointed, resumable) or came before it
+    started, else the wall time."""
+    global _WORKER_STOPPING
+    if _WORKER_STOPPING:
+        return "stopped before it started"
     import torch
 
     torch.set_num_threads(threads)
     from megareweight.config import load_config
     from megareweight.train.loop import train
+    from megareweight.train.signals import StoppedBySignal
 
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -477,7 +501,11 @@ def _train_worker(config_path: str, out: str, threads: int) -> str:
             return "locked"
         start = time.time()
         with open(out_dir / "train.log", "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-            train(load_config(config_path), out_dir, resume=True, progress=False)
+            try:
+                train(load_config(config_path), out_dir, resume=True, progress=False)
+            except StoppedBySignal as stop:
+                _WORKER_STOPPING = True
+                return f"stopped: {stop}"
         return f"{time.time() - start:.0f} s"
 
 
@@ -525,6 +553,39 @@ def _comparable(raw: dict[str, Any]) -> dict[str, Any]:
     raw = json.loads(json.dumps(raw))
     raw["data"].pop("prepared", None)
     return raw
+
+
+class _StopForwarding:
+    """The runner's SIGTERM/SIGINT/SIGUSR1 handler while a pool trains. Why: by default the signal
+    killed only this process, and its spawned workers, orphaned, went on taking queued runs. Now the
+    signal is passed to every worker (its trainer finishes the step and checkpoints; a worker between
+    runs starts no other), the runner cancels what is still queued as soon as a run returns, waits
+    for the workers and exits resumable. The handler only records and forwards: cancelling takes the
+    pool's locks, which the interrupted main thread may hold."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if not self.signum:
+            self.signum = signum
+            print(f"[as22] {signal.Signals(signum).name} received: the running runs checkpoint, "
+                  "the queued ones are cancelled", flush=True)
+        import multiprocessing
+
+        for child in multiprocessing.active_children():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signum)
+
+    @contextlib.contextmanager
+    def installed(self):
+        signums = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+        previous = {s: signal.signal(s, self._handle) for s in signums}
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
 
 
 class Runner:
@@ -577,10 +638,17 @@ class Runner:
         print(f"[as22] {cond}: training {len(todo)} run(s), {self.jobs} at a time x {self.threads} thread(s)", flush=True)
         import multiprocessing
 
-        with ProcessPoolExecutor(max_workers=self.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        stop = _StopForwarding()
+        with ProcessPoolExecutor(max_workers=self.jobs, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_worker_init) as pool, stop.installed():
             futures = {pool.submit(_train_worker, str(c), str(o), self.threads): (c, o) for c, o in todo}
             errors = []
             for fut in as_completed(futures):
+                if stop.signum:
+                    for queued in futures:
+                        queued.cancel()     # only those no worker has taken yet
+                if fut.cancelled():
+                    continue
                 config, out = futures[fut]
                 name = str(out.relative_to(self.work))
                 try:
@@ -593,9 +661,14 @@ class Runner:
                     print(f"[as22] {name}: another process is training it; skipped", flush=True)
                     continue
                 print(f"[as22] {name}: {status}", flush=True)
+                if status.startswith("stopped"):
+                    continue
                 self.record_run(cond, config, out)
                 self.rec.save()
                 self.rec.git_commit(f"experiments/autoscale: issue 22 results after {name}")
+        if stop.signum:
+            raise SystemExit(f"[as22] stopped by {signal.Signals(stop.signum).name}: the runs under way checkpointed, "
+                             "the queued ones did not start; run the same command again to continue")
         if errors:
             raise SystemExit("[as22] " + "; ".join(errors))
 
