@@ -27,6 +27,8 @@ script re-executes itself on it, so planning, fitting and extrapolating are pinn
 finished run is recorded (config, summary, eval curve) in ``issue22/results.json``; on a new
 machine the recorded runs are restored from it, never retrained; a lock per run keeps two
 invocations from training the same run; ``--commit`` commits the results after every finished run.
+``kill <pid>`` (SIGTERM; SIGINT and SIGUSR1 too) stops it resumable: the running runs checkpoint,
+the queued ones do not start, and the same command continues.
 
 Commands (repository root):
 
