@@ -300,25 +300,32 @@ def test_a_finished_rank_destroys_its_process_groups_before_interpreter_teardown
     assert "initialized after shutdown: False" in proc.stdout
 
 
-@pytest.mark.parametrize("distributed_run, code, teardown", [(True, 0, False), (True, 3, True), (False, 0, True)])
-def test_a_rank_skips_interpreter_teardown_only_after_a_finished_distributed_run(distributed_run, code, teardown):
-    """``exit_rank`` (what ``python -m megareweight.train`` ends with) leaves with ``os._exit``
-    after a finished distributed run, where teardown can abort the rank, with its output flushed;
-    an error code or a run without torch.distributed exits normally (atexit handlers run)."""
-    code_text = ("import atexit, socket, sys, torch.distributed as dist\n"
+@pytest.mark.parametrize("groups, code, atexit_ran", [("destroyed", 0, False), ("destroyed", 3, True),
+                                                      ("destroyed", 138, True), ("live", 2, True), ("none", 0, True),
+                                                      ("none", 2, True)])
+def test_a_rank_that_ran_torch_distributed_skips_interpreter_finalisation(groups, code, atexit_ran):
+    """``exit_rank`` (what ``python -m megareweight.train`` ends with): a rank that ran
+    torch.distributed leaves with ``os._exit`` and its exit code, output flushed, so interpreter
+    finalisation (where gloo threads can abort the rank) never runs: a non-daemon thread that is
+    still sleeping, which finalisation would wait for, does not hold it. After an error code the
+    ``atexit`` handlers run first; after a finished run everything is already closed. A process
+    without torch.distributed exits normally."""
+    code_text = ("import atexit, socket, sys, threading, time, torch.distributed as dist\n"
                  "from megareweight.train import distributed\n"
                  "from megareweight.train.__main__ import exit_rank\n"
-                 "atexit.register(lambda: print('teardown ran'))\n"
-                 f"if {distributed_run}:\n"
+                 "atexit.register(lambda: print(' atexit ran', end=''))\n"
+                 f"if {groups!r} != 'none':\n"
                  "    s = socket.socket(); s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]; s.close()\n"
                  "    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=0, world_size=1)\n"
+                 "    threading.Thread(target=time.sleep, args=(600,)).start()\n"
+                 f"if {groups!r} == 'destroyed':\n"
                  "    distributed.shutdown()\n"
                  "print('written before exit', end='')\n"
                  f"exit_rank({code})\n")
     proc = subprocess.run([sys.executable, "-c", code_text], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == code, proc.stderr[-2000:]
     assert proc.stdout.startswith("written before exit")
-    assert ("teardown ran" in proc.stdout) == teardown
+    assert ("atexit ran" in proc.stdout) == atexit_ran
 
 
 def test_two_deepspeed_trainings_in_one_process_both_run(prepared_dir, tmp_path):

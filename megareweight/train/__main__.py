@@ -115,7 +115,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def exit_rank(code: int) -> NoReturn:
-    """End this rank's process; after a finished distributed run, without interpreter teardown.
+    """End this rank's process; after a distributed run, without interpreter finalisation.
 
     Why: destroying the process groups (:func:`megareweight.train.distributed.shutdown`) is not
     enough. DeepSpeed keeps references to its groups, so their gloo worker threads live on into
@@ -126,16 +126,26 @@ def exit_rank(code: int) -> NoReturn:
     CPU run, still 1 in 171 with the groups destroyed (``experiments/stability/
     repeat_two_rank_run.py``). A finished run has written and closed everything (checkpoint,
     metrics, summary, wandb torn down), so the rank flushes its streams and leaves with
-    ``os._exit``. Any other exit (an error, a stop on a signal, a run without torch.distributed)
-    goes through normal teardown, which finishes what is still open.
+    ``os._exit``. The other exits of a rank that ran torch.distributed (an agreed stop on a signal,
+    a refusal such as "--out already holds a run", an error) hit the same abort, which turned a
+    clean exit 2 or 138 into -11 or -6 and hid the real code from the launcher and SLURM; they
+    first run the ``atexit`` handlers (what normal teardown would finish: wandb's, logging's) and
+    collect garbage (closing unreferenced files), then leave the same way. A process that never
+    ran torch.distributed exits normally.
     """
+    import atexit
+    import gc
+
     from megareweight.train import distributed
 
-    if code == 0 and distributed.was_shut_down():
+    if distributed.was_shut_down() or distributed.is_distributed():
+        if code != 0:
+            atexit._run_exitfuncs()  # noqa: SLF001 - private, but in every CPython 3; os._exit skips them
+            gc.collect()
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)
+        os._exit(code)
     sys.exit(code)
 
 
