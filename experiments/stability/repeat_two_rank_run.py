@@ -11,6 +11,10 @@ launch takes ~10 s. Run it on an otherwise idle machine: load slows the ranks an
 
 writes ``<out>/repeat.json`` (commit, machine, runs, failures with their exit codes and whether the
 log shows the teardown abort) and keeps the log of every failed run.
+
+``--refusal`` measures the error path instead: every launch goes into a directory that already
+holds a finished run, so both ranks must refuse with exit 2; a launch that exits otherwise (the
+same teardown abort showed as -11 in one ``make test-latest`` run) is a failure.
 """
 from __future__ import annotations
 
@@ -53,19 +57,31 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=100, help="how many launches")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "stability", help="work and result directory")
+    parser.add_argument("--refusal", action="store_true",
+                        help="launch into a directory that already holds a finished run (no --resume): every rank "
+                             "must refuse with exit 2; counts the launches that exit otherwise (the error path)")
     args = parser.parse_args()
     if args.runs < 1:
         parser.error(f"--runs must be at least 1, got {args.runs}")
     args.out.mkdir(parents=True, exist_ok=True)
     config, ds_json = setup(args.out)
     failures, start = [], time.time()
-    for i in range(args.runs):
-        run = args.out / "run"
+    run = args.out / "run"
+    if args.refusal:
         shutil.rmtree(run, ignore_errors=True)
+        deepspeed_train(config, ds_json, run, 2)   # the finished run every launch below must refuse to touch
+    for i in range(args.runs):
+        if not args.refusal:
+            shutil.rmtree(run, ignore_errors=True)
         try:
             deepspeed_train(config, ds_json, run, 2)
+            if args.refusal:
+                raise AssertionError("launcher exited with [0]: the run was not refused")
             print(f"run {i + 1}: ok", flush=True)
         except AssertionError as err:  # the launcher exited non-zero or timed out; err holds the log tail
+            if args.refusal and str(err).startswith("launcher exited with [2]") and "already holds a run" in str(err):
+                print(f"run {i + 1}: refused, exit 2 (ok)", flush=True)
+                continue
             log = args.out / f"failed_{i + 1}.log"
             log.write_text(str(err))
             failures.append({"run": i + 1, "teardown_abort": TEARDOWN_ABORT in str(err),
@@ -74,7 +90,8 @@ def main() -> int:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
                            text=True).stdout.strip()
-    result = {"command": " ".join(["python", "experiments/stability/repeat_two_rank_run.py", *sys.argv[1:]]),
+    result = {"mode": "refusal (expect exit 2)" if args.refusal else "finished run (expect exit 0)",
+              "command": " ".join(["python", "experiments/stability/repeat_two_rank_run.py", *sys.argv[1:]]),
               "commit": commit + (" + uncommitted changes" if dirty else ""),
               "machine": f"{platform.machine()} {os.cpu_count()}-core CPU, {platform.platform()}",
               "runs": args.runs, "failed": len(failures), "failures": failures,
