@@ -33,7 +33,7 @@ the queued ones do not start, and the same command continues.
 Commands (repository root):
 
     .venv/bin/python experiments/autoscale/scale_test.py design          # power and cost (no runs)
-    .venv/bin/python experiments/autoscale/scale_test.py run --commit    # the experiment (~6 h)
+    .venv/bin/python experiments/autoscale/scale_test.py run --commit    # the experiment (~2 h measured; designed as 6 h)
     .venv/bin/python experiments/autoscale/scale_test.py report          # rebuild the report
     .venv/bin/python experiments/autoscale/scale_test.py run --smoke --work /tmp/as22_smoke   # minutes
 """
