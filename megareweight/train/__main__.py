@@ -139,7 +139,7 @@ def exit_rank(code: int) -> NoReturn:
     from megareweight.train import distributed
 
     if distributed.was_shut_down() or distributed.is_distributed():
-        if code != 0:
+        if code != 0 or not distributed.was_shut_down():  # anything but a finished run
             atexit._run_exitfuncs()  # noqa: SLF001 - private, but in every CPython 3; os._exit skips them
             gc.collect()
         logging.shutdown()
